@@ -1,0 +1,55 @@
+"""The ``shardfs`` command: parse arguments, dispatch, print one-line errors.
+
+Exit status: 0 on success, 1 when a store request or a read failed, 2 for
+invalid arguments or local preconditions, 130 when interrupted.
+"""
+
+import argparse
+import logging
+import sys
+
+from shardfs import __version__
+from shardfs.commands import ls_cmd, mount_cmd, push_cmd
+from shardfs.errors import ShardfsError, UsageError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+COMMANDS = (push_cmd, mount_cmd, ls_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shardfs",
+        description="Serve model files from a chunk store as a read-only filesystem.",
+    )
+    parser.add_argument("--version", action="version", version=f"shardfs {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="messages to print on stderr (default: WARNING)",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.run(args) or 0
+    except UsageError as exc:
+        print(f"shardfs: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ShardfsError as exc:
+        print(f"shardfs: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("shardfs: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

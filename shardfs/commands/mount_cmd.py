@@ -1,0 +1,176 @@
+"""``shardfs mount`` and ``shardfs unmount``.
+
+Without ``--foreground``, mount starts the daemon as a new session and waits
+on a pipe: the daemon writes ``ready`` once the mount answers a stat, or one
+line with the reason it failed. So the command's exit status means mounted.
+"""
+
+import argparse
+import logging
+import os
+import select
+import shutil
+import subprocess
+import sys
+
+from shardfs.commands import add_store_options, store_config
+from shardfs.config import MountConfig, default_cache_dir, parse_size
+from shardfs.errors import ShardfsError, UsageError
+
+log = logging.getLogger(__name__)
+
+# Time for the daemon to read every manifest and answer the first stat.
+READY_TIMEOUT_S = 120.0
+READY = b"ready\n"
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("mount", help="mount a store as a read-only filesystem")
+    add_store_options(parser, positional=True)
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
+    parser.add_argument(
+        "--foreground", action="store_true", help="serve in this process until unmounted"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help=f"local cache and daemon log (default: {default_cache_dir()})",
+    )
+    parser.add_argument(
+        "--memory-limit",
+        default="1GiB",
+        metavar="SIZE",
+        help="decoded chunks kept in memory, such as 512M (default: 1GiB)",
+    )
+    parser.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let users other than the one mounting read the files (needs "
+        "user_allow_other in /etc/fuse.conf unless run as root; off by default)",
+    )
+    # The write end of the readiness pipe, set only by a parent mount command.
+    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(run=run_mount)
+
+    unmount = subparsers.add_parser("unmount", help="unmount a shardfs mount")
+    unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    unmount.set_defaults(run=run_unmount)
+
+
+def _mount_config(args) -> MountConfig:
+    return MountConfig(
+        mountpoint=os.path.abspath(args.mountpoint),
+        cache_dir=os.path.abspath(args.cache_dir or default_cache_dir()),
+        allow_other=args.allow_other,
+        memory_limit=parse_size(args.memory_limit),
+    )
+
+
+def run_mount(args) -> int:
+    config = _mount_config(args)
+    if args.foreground:
+        return _serve_foreground(args, config)
+    return _start_daemon(args, config)
+
+
+def _serve_foreground(args, config: MountConfig) -> int:
+    from shardfs.mount.daemon import serve
+
+    ready_pipe = os.fdopen(args.ready_fd, "wb", buffering=0) if args.ready_fd else None
+
+    def on_ready() -> None:
+        if ready_pipe is not None:
+            ready_pipe.write(READY)
+            ready_pipe.close()
+
+    try:
+        serve(store_config(args), config, on_ready)
+    except ShardfsError as exc:
+        if ready_pipe is not None and not ready_pipe.closed:
+            ready_pipe.write(f"{exc}\n".encode())
+        raise
+    return 0
+
+
+def _start_daemon(args, config: MountConfig) -> int:
+    from shardfs.mount.daemon import check_mountpoint
+
+    # Cheap checks first, so the common mistakes fail here and not in the log.
+    check_mountpoint(config.mountpoint)
+    log_path = _open_log_dir(config.cache_dir)
+
+    read_fd, write_fd = os.pipe()
+    command = [sys.executable, "-m", "shardfs", "--log-level", "INFO", "mount"]
+    command += _forwarded_options(args, config)
+    command += ["--foreground", "--ready-fd", str(write_fd)]
+    with open(log_path, "ab") as log_file:
+        subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+        )
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb", buffering=0) as ready_pipe:
+        message = _read_until_closed(ready_pipe, READY_TIMEOUT_S)
+    if message is None:
+        raise UsageError(
+            f"the daemon did not report the mount ready within {READY_TIMEOUT_S:.0f} s; "
+            f"see {log_path}"
+        )
+    if message == READY:
+        return 0
+    reason = message.decode(errors="replace").strip()
+    if not reason:
+        reason = f"the daemon exited before the mount was ready; see {log_path}"
+    raise UsageError(reason)
+
+
+def _read_until_closed(pipe, timeout_s: float) -> bytes | None:
+    """Return what *pipe* delivers until its writer closes it, or None on timeout."""
+    data = b""
+    while True:
+        readable, _, _ = select.select([pipe], [], [], timeout_s)
+        if not readable:
+            return None
+        block = pipe.read(4096)
+        if not block:
+            return data
+        data += block
+
+
+def _forwarded_options(args, config: MountConfig) -> list[str]:
+    options = ["--cache-dir", config.cache_dir, "--memory-limit", str(config.memory_limit)]
+    if args.endpoint_url:
+        options += ["--endpoint-url", args.endpoint_url]
+    if config.allow_other:
+        options.append("--allow-other")
+    store = args.store
+    if "://" not in store:
+        store = os.path.abspath(store)
+    return options + [store, config.mountpoint]
+
+
+def _open_log_dir(cache_dir: str) -> str:
+    try:
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create cache directory {cache_dir!r}: {exc.strerror}") from None
+    return os.path.join(cache_dir, "daemon.log")
+
+
+def run_unmount(args) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    if fusermount is None:
+        raise UsageError("fusermount3 not found; install the fuse3 package")
+    result = subprocess.run(
+        [fusermount, "-u", mountpoint], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+        raise UsageError(f"unmounting {mountpoint!r} failed: {detail}")
+    return 0

@@ -1,0 +1,41 @@
+"""``shardfs push``: store a file or a model directory as a model."""
+
+from shardfs.commands import add_store_options, store_config
+from shardfs.config import PushConfig, parse_size
+from shardfs.errors import UsageError
+from shardfs.manifest import MAX_CHUNK_LENGTH
+from shardfs.publish.push import push
+from shardfs.stores import LocalStore, open_store
+
+MIN_CHUNK_SIZE = 64 * 1024
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "push", help="store a file or a model directory in a store"
+    )
+    add_store_options(parser, positional=False)
+    parser.add_argument(
+        "--chunk-size",
+        default="8MiB",
+        metavar="SIZE",
+        help="bytes of file content per chunk, such as 8M, 64MiB or 1048576 "
+        "(default: 8MiB)",
+    )
+    parser.add_argument("source", metavar="SOURCE", help="a file or a model directory")
+    parser.add_argument("name", metavar="NAME", help="model name, such as org/model")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    chunk_size = parse_size(args.chunk_size)
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_LENGTH:
+        raise UsageError(
+            f"invalid chunk size {args.chunk_size!r}: expected "
+            f"{MIN_CHUNK_SIZE} bytes to 1 GiB"
+        )
+    store = open_store(store_config(args))
+    if isinstance(store, LocalStore):
+        store.create()
+    push(store, args.source, args.name, PushConfig(chunk_size=chunk_size))
+    return 0

@@ -1,0 +1,86 @@
+"""Domain exceptions and the one table that maps them to errno values.
+
+Lower layers raise these; the FUSE adapter turns them into errno replies
+through `errno_for`, and the command line prints them as one-line messages.
+"""
+
+import errno
+
+
+class ShardfsError(Exception):
+    """Base class of every error shardfs raises on purpose."""
+
+
+class UsageError(ShardfsError):
+    """A command-line value or local precondition is invalid."""
+
+
+class StoreError(ShardfsError):
+    """A store request failed."""
+
+
+class StoreNotFound(StoreError):
+    def __init__(self, url: str, detail: str):
+        super().__init__(f"store not found: {url} ({detail})")
+        self.url = url
+
+
+class StoreAccessDenied(StoreError):
+    def __init__(self, url: str, detail: str):
+        super().__init__(f"access denied by store {url}: {detail}")
+        self.url = url
+
+
+class StoreUnavailable(StoreError):
+    def __init__(self, url: str, detail: str):
+        super().__init__(f"store {url} is unreachable: {detail}")
+        self.url = url
+
+
+class ObjectNotFound(StoreError):
+    def __init__(self, key: str):
+        super().__init__(f"object {key} is missing from the store")
+        self.key = key
+
+
+class ChunkCorrupt(ShardfsError):
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"chunk {key} is corrupt: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class ManifestInvalid(ShardfsError):
+    def __init__(self, model: str, reason: str):
+        super().__init__(f"manifest of model {model!r} is invalid: {reason}")
+        self.model = model
+        self.reason = reason
+
+
+class ReadFailed(ShardfsError):
+    """A read of a mounted file failed; names the file, range and cause."""
+
+    def __init__(self, model: str, path: str, start: int, end: int, cause: Exception):
+        super().__init__(
+            f"read of {model}/{path} bytes {start}-{end} failed: {cause}"
+        )
+        self.cause = cause
+
+
+# Checked in order, so subclasses come before their bases.
+_ERRNO_TABLE: tuple[tuple[type[BaseException], int], ...] = (
+    (ReadFailed, errno.EIO),
+    (ObjectNotFound, errno.EIO),
+    (ChunkCorrupt, errno.EIO),
+    (StoreUnavailable, errno.EIO),
+    (StoreError, errno.EIO),
+    (ManifestInvalid, errno.EIO),
+)
+
+
+def errno_for(exc: BaseException) -> int:
+    """Return the errno a reader sees for *exc*; unknown errors become EIO."""
+    for exc_type, code in _ERRNO_TABLE:
+        if isinstance(exc, exc_type):
+            return code
+    return errno.EIO

@@ -1,0 +1,1 @@
+"""The read side: inode tree, chunk source, FUSE operations and the daemon."""

@@ -1,0 +1,1 @@
+"""The write side: cut files into chunks, upload them, write manifests."""

@@ -1,0 +1,190 @@
+"""Push a file or a model directory into a store as chunks and a manifest.
+
+Every chunk is uploaded (or found already present) before the manifest is
+written, in one atomic put, so a reader never sees a manifest whose chunks
+are missing. A failed push leaves the store's existing models untouched.
+"""
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import logging
+import os
+import stat
+import threading
+import time
+
+from shardfs import codec
+from shardfs.config import PushConfig
+from shardfs.errors import ChunkCorrupt, UsageError
+from shardfs.manifest import (
+    ChunkRef,
+    FileEntry,
+    Manifest,
+    check_file_path,
+    check_model_name,
+    to_json,
+)
+from shardfs.publish.chunking import fixed_spans
+from shardfs.publish.progress import PushProgress
+from shardfs.stores.base import Store, chunk_object_key, manifest_object_key
+
+log = logging.getLogger(__name__)
+
+# Directories that tools keep beside a model but that are not part of it.
+SKIPPED_DIRS = {".git", ".cache", "__pycache__"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFile:
+    path: str  # relative path inside the model, '/'-separated
+    abspath: str
+    size: int
+    mode: int
+    mtime_ns: int
+
+
+def collect_sources(source: str) -> list[SourceFile]:
+    """Return the regular files to push from the file or directory *source*.
+
+    Symbolic links are followed, as a Hugging Face snapshot directory links
+    each file into a blob store. Raises `UsageError` for a missing or
+    unreadable source.
+    """
+    try:
+        info = os.stat(source)
+    except OSError as exc:
+        raise UsageError(f"cannot read source {source!r}: {exc.strerror}") from None
+    if stat.S_ISREG(info.st_mode):
+        return [_source_file(os.path.basename(source), source, info)]
+    if not stat.S_ISDIR(info.st_mode):
+        raise UsageError(f"source {source!r} is neither a file nor a directory")
+
+    files = []
+    for directory, subdirs, names in os.walk(source, followlinks=True, onerror=_raise):
+        subdirs[:] = sorted(name for name in subdirs if name not in SKIPPED_DIRS)
+        for name in sorted(names):
+            abspath = os.path.join(directory, name)
+            relative = os.path.relpath(abspath, source).replace(os.sep, "/")
+            try:
+                file_info = os.stat(abspath)
+            except OSError as exc:
+                raise UsageError(f"cannot read {abspath!r}: {exc.strerror}") from None
+            if stat.S_ISREG(file_info.st_mode):
+                files.append(_source_file(relative, abspath, file_info))
+    if not files:
+        raise UsageError(f"source directory {source!r} contains no files")
+    return files
+
+
+def _raise(exc: OSError) -> None:
+    raise UsageError(f"cannot read {exc.filename!r}: {exc.strerror}")
+
+
+def _source_file(relative: str, abspath: str, info: os.stat_result) -> SourceFile:
+    try:
+        check_file_path(relative)
+    except ValueError as exc:
+        raise UsageError(f"cannot push {abspath!r}: {exc}") from None
+    if not os.access(abspath, os.R_OK):
+        raise UsageError(f"cannot read {abspath!r}: permission denied")
+    return SourceFile(
+        relative, abspath, info.st_size, stat.S_IMODE(info.st_mode), info.st_mtime_ns
+    )
+
+
+class _ChunkUploader:
+    """Encodes chunks and uploads those the store lacks, on a thread pool."""
+
+    def __init__(self, store: Store, config: PushConfig, progress: PushProgress):
+        self._store = store
+        self._config = config
+        self._progress = progress
+        self._pool = concurrent.futures.ThreadPoolExecutor(config.workers)
+        # Bounds the chunks held in memory: read, queued or being uploaded.
+        self._slots = threading.BoundedSemaphore(config.workers * 2)
+        self._lock = threading.Lock()
+
+    def submit(self, offset: int, data: bytes) -> concurrent.futures.Future:
+        self._slots.acquire()
+        try:
+            future = self._pool.submit(self._store_chunk, offset, data)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _: self._slots.release())
+        return future
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _store_chunk(self, offset: int, data: bytes) -> ChunkRef:
+        encoded = codec.encode(data, self._config.zstd_level)
+        object_key = chunk_object_key(encoded.key)
+        existing = self._existing_header(encoded.key, object_key)
+        if existing is None:
+            self._store.put(object_key, encoded.data)
+            codec_name, stored_length, uploaded = encoded.codec, len(encoded.data), True
+        else:
+            (codec_name, stored_length), uploaded = existing, False
+        with self._lock:
+            self._progress.add_chunk(len(data), stored_length, uploaded)
+        return ChunkRef(offset, len(data), encoded.key, stored_length, codec_name)
+
+    def _existing_header(self, key: str, object_key: str) -> tuple[str, int] | None:
+        """Return (codec, stored length) of a chunk already in the store."""
+        size = self._store.head(object_key)
+        if size is None:
+            return None
+        head = self._store.get_range(object_key, 0, codec.HEADER_SIZE)
+        try:
+            header = codec.parse_header(key, head)
+        except ChunkCorrupt as exc:
+            log.warning("replacing damaged chunk object: %s", exc)
+            return None
+        return header.codec, size
+
+
+def push(
+    store: Store, source: str, name: str, config: PushConfig, progress_stream=None
+) -> Manifest:
+    """Push *source* (a file or a directory) into *store* as model *name*."""
+    try:
+        check_model_name(name)
+    except ValueError as exc:
+        raise UsageError(f"invalid model name {name!r}: {exc}") from None
+    sources = collect_sources(source)
+    store.check()
+
+    progress = PushProgress(sum(item.size for item in sources), progress_stream)
+    uploader = _ChunkUploader(store, config, progress)
+    try:
+        entries = tuple(_push_file(uploader, item, config) for item in sources)
+    finally:
+        uploader.close()
+
+    manifest = Manifest(name, time.time_ns(), config.chunk_size, entries)
+    store.put(manifest_object_key(name), to_json(manifest))
+    progress.finish(name, len(entries))
+    return manifest
+
+
+def _push_file(uploader: _ChunkUploader, item: SourceFile, config: PushConfig) -> FileEntry:
+    digest = hashlib.sha256()
+    futures = []
+    try:
+        with open(item.abspath, "rb") as file:
+            for start, end in fixed_spans(item.size, config.chunk_size):
+                data = file.read(end - start)
+                if len(data) != end - start:
+                    raise UsageError(f"source file {item.abspath!r} changed while pushing")
+                digest.update(data)
+                futures.append(uploader.submit(start, data))
+            if file.read(1):
+                raise UsageError(f"source file {item.abspath!r} changed while pushing")
+    except OSError as exc:
+        raise UsageError(f"cannot read {item.abspath!r}: {exc.strerror}") from None
+    chunks = tuple(future.result() for future in futures)
+    return FileEntry(
+        item.path, item.size, item.mode, item.mtime_ns, digest.hexdigest(), chunks
+    )

@@ -1,0 +1,36 @@
+"""Stores named by URL: a local directory, ``file:///abs/path`` or ``s3://``."""
+
+import urllib.parse
+
+from shardfs.config import StoreConfig
+from shardfs.errors import UsageError
+from shardfs.stores.base import Store, list_models
+from shardfs.stores.local import LocalStore
+
+__all__ = ["Store", "LocalStore", "open_store", "list_models"]
+
+
+def open_store(config: StoreConfig) -> Store:
+    """Return the store that *config.url* names; nothing is contacted yet."""
+    url = config.url
+    if url.startswith("s3://"):
+        from shardfs.stores.s3 import S3Store, split_s3_url
+
+        bucket, _ = split_s3_url(url)
+        if not bucket:
+            raise UsageError(f"invalid store URL {url!r}: expected s3://bucket/prefix")
+        return S3Store(config)
+    if url.startswith("file://"):
+        parsed = urllib.parse.urlparse(url)
+        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+            raise UsageError(f"invalid store URL {url!r}: expected file:///abs/path")
+        return LocalStore(urllib.parse.unquote(parsed.path), url)
+    if "://" in url:
+        scheme = url.split("://", 1)[0]
+        raise UsageError(
+            f"invalid store URL {url!r}: scheme {scheme!r} is not supported "
+            "(use a directory path, file:///abs/path or s3://bucket/prefix)"
+        )
+    if not url:
+        raise UsageError("invalid store URL '': expected a path or URL")
+    return LocalStore(url)

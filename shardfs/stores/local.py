@@ -1,0 +1,99 @@
+"""A store in a local directory, for a single host or a shared filesystem."""
+
+import errno
+import os
+import tempfile
+from collections.abc import Iterator
+
+from shardfs.errors import (
+    ObjectNotFound,
+    StoreAccessDenied,
+    StoreError,
+    StoreNotFound,
+)
+
+
+class LocalStore:
+    def __init__(self, root: str, url: str | None = None):
+        self.root = os.path.abspath(root)
+        self.url = url or self.root
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, key)
+
+    def check(self) -> None:
+        if not os.path.isdir(self.root):
+            raise StoreNotFound(self.url, "no such directory")
+        if not os.access(self.root, os.R_OK | os.X_OK):
+            raise StoreAccessDenied(self.url, "directory is not readable")
+
+    def create(self) -> None:
+        """Create the store directory if it does not exist yet."""
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as exc:
+            raise self._error(exc, self.root) from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StoreAccessDenied(self.url, "directory is not writable")
+
+    def get(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb") as file:
+                return file.read()
+        except OSError as exc:
+            raise self._error(exc, key) from None
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        try:
+            with open(self._path(key), "rb") as file:
+                return os.pread(file.fileno(), end - start, start)
+        except OSError as exc:
+            raise self._error(exc, key) from None
+
+    def head(self, key: str) -> int | None:
+        try:
+            return os.stat(self._path(key)).st_size
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._error(exc, key) from None
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        directory = os.path.dirname(path)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            # Write a temporary file beside the target, flush it to disk, and
+            # rename it into place, so a crash leaves the old object or the
+            # whole new one, never a torn one.
+            fd, temp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as file:
+                    file.write(data)
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.chmod(temp_path, 0o644)
+                os.rename(temp_path, path)
+            except BaseException:
+                os.unlink(temp_path)
+                raise
+        except OSError as exc:
+            raise self._error(exc, key) from None
+
+    def list(self, prefix: str) -> Iterator[str]:
+        base = self._path(prefix.rstrip("/"))
+        for directory, subdirs, files in os.walk(base):
+            subdirs.sort()
+            relative = os.path.relpath(directory, self.root)
+            for name in sorted(files):
+                if name.startswith(".tmp-"):
+                    continue
+                path = name if relative == "." else f"{relative}/{name}"
+                yield path.replace(os.sep, "/")
+
+    def _error(self, exc: OSError, key: str) -> StoreError:
+        if exc.errno == errno.ENOENT:
+            return ObjectNotFound(key)
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return StoreAccessDenied(self.url, f"{key}: {exc.strerror}")
+        return StoreError(f"store {self.url}: {key}: {exc.strerror}")
