@@ -33,9 +33,11 @@ def slices_for_range(
     that reaches past the last chunk is cut at the end of the file, so a read
     at or past EOF gets no slices.
     """
-    if not chunks or start >= end:
+    if not chunks:
         return []
     end = min(end, chunks[-1].end)
+    if start >= end:
+        return []
     index = bisect.bisect_right(offsets, start) - 1
     slices = []
     while index < len(chunks) and chunks[index].offset < end:
