@@ -100,15 +100,64 @@ class PushConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrefetchConfig:
+    enabled: bool = True
+    # Chunks fetched ahead when a forward stream of reads is first seen.
+    initial_chunks: int = 2
+    # The window's cap, in chunks. With 8 MiB chunks, 16 keep 128 MiB in
+    # flight: at 1 GB/s and 20 ms per request that is about six round trips
+    # of data, and it stays well inside the default memory limit.
+    max_chunks: int = 16
+    # A stream counts as a whole-file load once it reads this far past the
+    # end of the tensor it started in. The kernel's own read-ahead reads up
+    # to read_ahead_kb past a tensor, so the margin must exceed that.
+    crossing_margin: int = 4 * MiB
+    # Streams tracked per file: about one per loader thread or process.
+    max_streams: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
 class MountConfig:
     mountpoint: str
     cache_dir: str
     allow_other: bool = False
-    # Decoded chunks kept in memory. 1 GiB holds 128 chunks of the default
-    # 8 MiB, enough for many readers each working in a few chunks.
-    memory_limit: int = 1024 * MiB
+    # Decoded chunks kept in memory, in bytes. The SSD cache holds the rest,
+    # so this bounds resident memory rather than speed: 256 MiB is 32
+    # chunks of the default 8 MiB.
+    memory_limit: int = 256 * MiB
+    # The SSD cache cap: a byte count, or else a share of the cache
+    # directory's filesystem, resolved at start.
+    cache_bytes: int | None = None
+    cache_share: float = 0.2
     # Threads that decompress and verify chunks at once. Decoding is
     # CPU-bound and zstd releases the GIL, so one per core keeps all busy.
     decode_workers: int = max(1, os.cpu_count() or 1)
     # The kernel caches attributes and names this long; files never change.
     attr_timeout_s: float = 3600.0
+    # The mount's read-ahead, written to /sys/class/bdi/<dev>/read_ahead_kb.
+    # 1 MiB matches the largest FUSE read request (256 pages), so the kernel
+    # sends whole 1 MiB reads ahead of a sequential reader; longer reach
+    # comes from the prefetcher, which knows where tensors end. Mapped files
+    # also fault this much around each missed page, so a larger value costs
+    # bytes on random access. 0 leaves the kernel default.
+    read_ahead_kb: int = 1024
+    # Background requests the kernel queues to this mount before it stalls
+    # read-ahead (its default is 12), written to
+    # /sys/fs/fuse/connections/<dev>/max_background. 0 leaves the default.
+    max_background: int = 64
+    prefetch: PrefetchConfig = PrefetchConfig()
+
+
+def parse_cache_size(text: str) -> tuple[int | None, float]:
+    """Parse ``--cache-size``: a byte count such as ``20G``, or a share such as ``20%``."""
+    if text.strip().endswith("%"):
+        try:
+            share = float(text.strip()[:-1]) / 100
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 1:
+            raise UsageError(
+                f"invalid cache size {text!r}: a share must be above 0% and at most 100%"
+            )
+        return None, share
+    return parse_size(text), 0.0

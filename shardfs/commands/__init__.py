@@ -27,4 +27,8 @@ def add_store_options(parser, positional: bool) -> None:
 
 
 def store_config(args) -> StoreConfig:
-    return StoreConfig(url=args.store or default_store_url(), endpoint_url=args.endpoint_url)
+    return StoreConfig(
+        url=args.store or default_store_url(),
+        endpoint_url=args.endpoint_url,
+        max_connections=getattr(args, "max_connections", StoreConfig.max_connections),
+    )

@@ -14,7 +14,13 @@ import subprocess
 import sys
 
 from shardfs.commands import add_store_options, store_config
-from shardfs.config import MountConfig, default_cache_dir, parse_size
+from shardfs.config import (
+    MountConfig,
+    PrefetchConfig,
+    default_cache_dir,
+    parse_cache_size,
+    parse_size,
+)
 from shardfs.errors import ShardfsError, UsageError
 
 log = logging.getLogger(__name__)
@@ -22,6 +28,7 @@ log = logging.getLogger(__name__)
 # Time for the daemon to read every manifest and answer the first stat.
 READY_TIMEOUT_S = 120.0
 READY = b"ready\n"
+MIN_MEMORY_LIMIT = 16 * 1024 * 1024
 
 
 def add_parser(subparsers) -> None:
@@ -38,10 +45,46 @@ def add_parser(subparsers) -> None:
         help=f"local cache and daemon log (default: {default_cache_dir()})",
     )
     parser.add_argument(
-        "--memory-limit",
-        default="1GiB",
+        "--cache-size",
+        default="20%",
         metavar="SIZE",
-        help="decoded chunks kept in memory, such as 512M (default: 1GiB)",
+        help="SSD cache cap: bytes such as 50G, or a share of the cache "
+        "directory's disk such as 20%% (default: 20%%)",
+    )
+    parser.add_argument(
+        "--memory-limit",
+        default="256MiB",
+        metavar="SIZE",
+        help="decoded chunks kept in memory, such as 512M (default: 256MiB)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=16,
+        metavar="N",
+        help="concurrent store requests of the whole mount (default: 16)",
+    )
+    tuning = parser.add_argument_group("tuning")
+    tuning.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="fetch only the chunks readers ask for",
+    )
+    tuning.add_argument(
+        "--read-ahead-kb",
+        type=int,
+        default=1024,
+        metavar="KB",
+        help="kernel read-ahead of the mount in KiB; 0 keeps the kernel "
+        "default (default: 1024)",
+    )
+    tuning.add_argument(
+        "--max-background",
+        type=int,
+        default=64,
+        metavar="N",
+        help="background requests the kernel queues to the mount; 0 keeps "
+        "the kernel default of 12 (default: 64)",
     )
     parser.add_argument(
         "--allow-other",
@@ -59,11 +102,29 @@ def add_parser(subparsers) -> None:
 
 
 def _mount_config(args) -> MountConfig:
+    cache_bytes, cache_share = parse_cache_size(args.cache_size)
+    for option, value in (
+        ("--max-connections", args.max_connections),
+        ("--read-ahead-kb", args.read_ahead_kb),
+        ("--max-background", args.max_background),
+    ):
+        if value < 0 or (option == "--max-connections" and value < 1):
+            raise UsageError(f"invalid {option} {value}: expected a positive number")
+    memory_limit = parse_size(args.memory_limit)
+    if memory_limit < MIN_MEMORY_LIMIT:
+        raise UsageError(
+            f"invalid memory limit {args.memory_limit!r}: expected at least 16MiB"
+        )
     return MountConfig(
         mountpoint=os.path.abspath(args.mountpoint),
         cache_dir=os.path.abspath(args.cache_dir or default_cache_dir()),
         allow_other=args.allow_other,
-        memory_limit=parse_size(args.memory_limit),
+        memory_limit=memory_limit,
+        cache_bytes=cache_bytes,
+        cache_share=cache_share,
+        read_ahead_kb=args.read_ahead_kb,
+        max_background=args.max_background,
+        prefetch=PrefetchConfig(enabled=not args.no_prefetch),
     )
 
 
@@ -143,7 +204,22 @@ def _read_until_closed(pipe, timeout_s: float) -> bytes | None:
 
 
 def _forwarded_options(args, config: MountConfig) -> list[str]:
-    options = ["--cache-dir", config.cache_dir, "--memory-limit", str(config.memory_limit)]
+    options = [
+        "--cache-dir",
+        config.cache_dir,
+        "--cache-size",
+        args.cache_size,
+        "--memory-limit",
+        str(config.memory_limit),
+        "--max-connections",
+        str(args.max_connections),
+        "--read-ahead-kb",
+        str(config.read_ahead_kb),
+        "--max-background",
+        str(config.max_background),
+    ]
+    if args.no_prefetch:
+        options.append("--no-prefetch")
     if args.endpoint_url:
         options += ["--endpoint-url", args.endpoint_url]
     if config.allow_other:

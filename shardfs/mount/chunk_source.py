@@ -1,13 +1,14 @@
-"""Decoded chunks for readers: memory LRU, single-flight fetch and decode.
+"""Decoded chunks for readers: memory LRU, SSD cache, single-flight fetch.
 
-`ChunkSource.get` returns verified, decoded chunk bytes. Concurrent requests
-for one chunk, from any number of readers, share one fetch. Store requests
-and decoding run in worker threads under two capacity limiters, one for
-store connections and one for CPU-bound decoding. All methods run in the
-trio thread of the daemon.
+`read` serves one slice of a chunk to a reader; `prefetch` asks for a whole
+chunk ahead of need. A chunk is looked up in memory, then in the disk cache,
+then fetched from the store and decoded; concurrent requests for one chunk,
+from any number of readers and the prefetcher, share one flight. Store
+requests wait on a `PriorityLimiter`, so a reader's request goes ahead of
+queued prefetch requests. Blocking work (store calls, decoding, cache file
+I/O) runs in worker threads. All methods run in the daemon's trio thread.
 """
 
-import collections
 import dataclasses
 import logging
 
@@ -16,6 +17,9 @@ import trio
 from shardfs import codec
 from shardfs.errors import ChunkCorrupt
 from shardfs.manifest import ChunkRef
+from shardfs.mount.disk_cache import DiskCache
+from shardfs.mount.memory_cache import MemoryCache
+from shardfs.mount.priority import DEMAND, PREFETCH, PriorityLimiter, Ticket
 from shardfs.stores.base import Store, chunk_object_key
 
 log = logging.getLogger(__name__)
@@ -28,61 +32,77 @@ FETCH_ATTEMPTS = 2
 @dataclasses.dataclass
 class ChunkSourceStats:
     chunks_fetched: int = 0
-    bytes_fetched: int = 0
+    bytes_fetched: int = 0  # stored (encoded) bytes received from the store
+    bytes_decoded: int = 0
+    prefetch_fetches: int = 0
     memory_hits: int = 0
+    disk_hits: int = 0
     corrupt_chunks: int = 0
 
 
-class MemoryCache:
-    """A byte-bounded LRU of decoded chunks, keyed by chunk key."""
-
-    def __init__(self, limit_bytes: int):
-        self.limit_bytes = limit_bytes
-        self.size_bytes = 0
-        self._items: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-
-    def get(self, key: str) -> bytes | None:
-        data = self._items.get(key)
-        if data is not None:
-            self._items.move_to_end(key)
-        return data
-
-    def put(self, key: str, data: bytes) -> None:
-        if key in self._items or len(data) > self.limit_bytes:
-            return
-        self._items[key] = data
-        self.size_bytes += len(data)
-        while self.size_bytes > self.limit_bytes:
-            _, evicted = self._items.popitem(last=False)
-            self.size_bytes -= len(evicted)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 class _Flight:
-    """One fetch in progress; waiters share its outcome."""
+    """One lookup-or-fetch of a chunk in progress; waiters share its outcome."""
 
-    def __init__(self) -> None:
+    def __init__(self, priority: int) -> None:
+        self.ticket = Ticket(priority)
         self.done = trio.Event()
         self.data: bytes | None = None
         self.error: BaseException | None = None
 
 
 class ChunkSource:
-    def __init__(self, store: Store, memory_limit: int, connections: int, decoders: int):
+    def __init__(
+        self,
+        store: Store,
+        memory: MemoryCache,
+        disk: DiskCache | None,
+        connections: int,
+        decoders: int,
+    ):
         self._store = store
-        self.memory = MemoryCache(memory_limit)
+        self.memory = memory
+        self.disk = disk
         self._flights: dict[str, _Flight] = {}
-        self._connections = trio.CapacityLimiter(connections)
+        self.connections = PriorityLimiter(connections)
         self._decoders = trio.CapacityLimiter(decoders)
+        # Cache file reads and writes; page-cache speed, so a few suffice.
+        self._disk_io = trio.CapacityLimiter(8)
+        self._nursery: trio.Nursery | None = None
+        self.prefetches_outstanding = 0
         self.stats = ChunkSourceStats()
 
-    async def get(self, chunk: ChunkRef) -> bytes:
-        """Return the decoded bytes of *chunk*, verified against its key.
+    def start(self, nursery: trio.Nursery) -> None:
+        """Run background work (cache writes, prefetch) in *nursery*."""
+        self._nursery = nursery
+
+    def is_present(self, key: str) -> bool:
+        """Whether *key* is in memory, in the disk cache or on its way."""
+        return key in self.memory or key in self._flights or (
+            self.disk is not None and key in self.disk
+        )
+
+    async def read(self, chunk: ChunkRef, start: int, end: int) -> bytes:
+        """Return bytes ``[start, end)`` of the decoded *chunk*, verified.
 
         Raises `ChunkCorrupt` or a `StoreError` when no good copy was found.
         """
+        data = self.memory.get(chunk.key)
+        if data is not None:
+            self.stats.memory_hits += 1
+            return data[start:end]
+        if self.disk is not None and self.disk.is_verified(chunk.key):
+            async with self._disk_io:
+                part = await trio.to_thread.run_sync(
+                    self.disk.read_range, chunk.key, start, end
+                )
+            if part is not None:
+                self.stats.disk_hits += 1
+                return part
+        data = await self.get(chunk, DEMAND)
+        return data[start:end]
+
+    async def get(self, chunk: ChunkRef, priority: int = DEMAND) -> bytes:
+        """Return the whole decoded *chunk*, verified against its key."""
         while True:
             data = self.memory.get(chunk.key)
             if data is not None:
@@ -91,8 +111,10 @@ class ChunkSource:
 
             flight = self._flights.get(chunk.key)
             if flight is None:
-                return await self._lead_flight(chunk)
+                return await self._lead_flight(chunk, priority)
 
+            if priority == DEMAND:
+                self.connections.raise_priority(flight.ticket)
             await flight.done.wait()
             # A leader that was cancelled says nothing about the chunk, so
             # its waiters start a new flight instead of sharing the cancel.
@@ -102,12 +124,32 @@ class ChunkSource:
                 raise flight.error
             return flight.data
 
-    async def _lead_flight(self, chunk: ChunkRef) -> bytes:
-        flight = _Flight()
+    def prefetch(self, chunk: ChunkRef) -> bool:
+        """Start fetching *chunk* in the background unless it is present.
+
+        Returns whether a fetch was started. Errors are left to the demand
+        read that needs the chunk, which fetches it again.
+        """
+        if self._nursery is None or self.is_present(chunk.key):
+            return False
+        self.prefetches_outstanding += 1
+        self._nursery.start_soon(self._prefetch_task, chunk)
+        return True
+
+    async def _prefetch_task(self, chunk: ChunkRef) -> None:
+        try:
+            await self.get(chunk, PREFETCH)
+        except Exception as exc:
+            log.debug("prefetch of chunk %s failed: %s", chunk.key, exc)
+        finally:
+            self.prefetches_outstanding -= 1
+
+    async def _lead_flight(self, chunk: ChunkRef, priority: int) -> bytes:
+        flight = _Flight(priority)
         self._flights[chunk.key] = flight
         try:
-            flight.data = await self._fetch(chunk)
-            self.memory.put(chunk.key, flight.data)
+            flight.data = await self._load(chunk, flight)
+            self.memory.put(chunk.key, flight.data, prefetched=flight.ticket.priority == PREFETCH)
             return flight.data
         except BaseException as exc:
             flight.error = exc
@@ -116,18 +158,42 @@ class ChunkSource:
             del self._flights[chunk.key]
             flight.done.set()
 
-    async def _fetch(self, chunk: ChunkRef) -> bytes:
+    async def _load(self, chunk: ChunkRef, flight: _Flight) -> bytes:
+        if self.disk is not None and chunk.key in self.disk:
+            async with self._disk_io:
+                data = await trio.to_thread.run_sync(self.disk.read, chunk.key, chunk.length)
+            if data is not None:
+                self.stats.disk_hits += 1
+                return data
+
+        data = await self._fetch(chunk, flight.ticket)
+        if self.disk is not None and self._nursery is not None:
+            self._nursery.start_soon(self._write_to_disk, chunk.key, data)
+        return data
+
+    async def _write_to_disk(self, key: str, data: bytes) -> None:
+        async with self._disk_io:
+            await trio.to_thread.run_sync(self.disk.write, key, data)
+
+    async def _fetch(self, chunk: ChunkRef, ticket: Ticket) -> bytes:
         object_key = chunk_object_key(chunk.key)
         for attempt in range(1, FETCH_ATTEMPTS + 1):
-            async with self._connections:
+            await self.connections.acquire(ticket)
+            try:
                 stored = await trio.to_thread.run_sync(self._store.get, object_key)
+            finally:
+                self.connections.release()
             self.stats.chunks_fetched += 1
             self.stats.bytes_fetched += len(stored)
+            if ticket.priority == PREFETCH:
+                self.stats.prefetch_fetches += 1
             try:
                 async with self._decoders:
-                    return await trio.to_thread.run_sync(
+                    data = await trio.to_thread.run_sync(
                         codec.decode, chunk.key, chunk.length, stored
                     )
+                self.stats.bytes_decoded += len(data)
+                return data
             except ChunkCorrupt as exc:
                 self.stats.corrupt_chunks += 1
                 if attempt == FETCH_ATTEMPTS:

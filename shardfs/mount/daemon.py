@@ -5,8 +5,10 @@
 answers a stat, it reports readiness through the optional *on_ready* call.
 """
 
+import dataclasses
 import errno
 import faulthandler
+import json
 import logging
 import os
 import signal
@@ -18,7 +20,11 @@ from shardfs.config import MountConfig, StoreConfig
 from shardfs.errors import ManifestInvalid, ObjectNotFound, UsageError
 from shardfs.manifest import parse_manifest
 from shardfs.mount.chunk_source import ChunkSource
+from shardfs.mount.disk_cache import DiskCache
 from shardfs.mount.fsops import Operations
+from shardfs.mount.kernel import tune_mount
+from shardfs.mount.memory_cache import MemoryCache
+from shardfs.mount.prefetch import Prefetcher
 from shardfs.mount.tree import Tree
 from shardfs.stores import Store, list_models, open_store
 from shardfs.stores.base import manifest_object_key
@@ -75,6 +81,23 @@ def mount_options(config: MountConfig) -> set[str]:
     return options
 
 
+def open_disk_cache(config: MountConfig) -> DiskCache | None:
+    """Open the SSD cache, or return None (serving from memory) if it cannot be used."""
+    directory = config.cache_dir
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        limit = config.cache_bytes
+        if limit is None:
+            info = os.statvfs(directory)
+            limit = int(info.f_blocks * info.f_frsize * config.cache_share)
+        cache = DiskCache(directory, limit)
+        cache.open()
+    except OSError as exc:
+        log.warning("disk cache %s is unusable, serving from memory: %s", directory, exc)
+        return None
+    return cache
+
+
 def serve(store_config: StoreConfig, config: MountConfig, on_ready=None) -> None:
     """Mount the store and serve it until unmounted."""
     faulthandler.enable()
@@ -84,44 +107,81 @@ def serve(store_config: StoreConfig, config: MountConfig, on_ready=None) -> None
     tree = build_tree(store)
     chunks = ChunkSource(
         store,
-        memory_limit=config.memory_limit,
+        MemoryCache(config.memory_limit),
+        open_disk_cache(config),
         connections=store_config.max_connections,
         decoders=config.decode_workers,
     )
-    operations = Operations(tree, chunks, config)
+    prefetcher = None
+    if config.prefetch.enabled:
+        # Leave a quarter of the connections free for demand reads, which
+        # still go first in the queue for the rest.
+        outstanding = max(1, store_config.max_connections * 3 // 4)
+        prefetcher = Prefetcher(chunks, config.prefetch, outstanding)
+    operations = Operations(tree, chunks, config, prefetcher)
     try:
         pyfuse3.init(operations, config.mountpoint, mount_options(config))
     except RuntimeError as exc:
         raise UsageError(f"mounting {config.mountpoint!r} failed: {exc}") from None
 
     log.info("mounted %s at %s", store.url, config.mountpoint)
+    stats_path = os.path.join(config.cache_dir, "stats.json")
     try:
-        trio.run(_run_session, config.mountpoint, on_ready)
+        trio.run(_run_session, config, operations, chunks, stats_path, on_ready)
     finally:
         pyfuse3.close(unmount=True)
+        write_stats(stats_path, operations, chunks)
     log.info("unmounted %s", config.mountpoint)
 
 
-async def _run_session(mountpoint: str, on_ready) -> None:
+def collect_stats(operations: Operations, chunks: ChunkSource) -> dict:
+    stats = dataclasses.asdict(chunks.stats)
+    stats["reads"] = operations.reads
+    stats["bytes_read"] = operations.bytes_read
+    stats["memory_bytes"] = chunks.memory.size_bytes
+    stats["disk_cache_bytes"] = chunks.disk.size_bytes if chunks.disk else 0
+    return stats
+
+
+def write_stats(path: str, operations: Operations, chunks: ChunkSource) -> None:
+    """Write the daemon's counters to *path* as JSON, replacing it atomically."""
+    temp_path = f"{path}.tmp"
+    try:
+        with open(temp_path, "w") as file:
+            json.dump(collect_stats(operations, chunks), file, indent=1, sort_keys=True)
+        os.replace(temp_path, path)
+    except OSError as exc:
+        log.warning("cannot write statistics to %s: %s", path, exc)
+
+
+async def _run_session(config, operations, chunks, stats_path, on_ready) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-        nursery.start_soon(_report_ready, mountpoint, on_ready)
+        chunks.start(nursery)
+        nursery.start_soon(_handle_signals, operations, chunks, stats_path)
+        nursery.start_soon(_report_ready, config, on_ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
+async def _handle_signals(operations, chunks, stats_path) -> None:
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    with trio.open_signal_receiver(*signals) as received:
+        async for signum in received:
+            if signum == signal.SIGUSR1:
+                await trio.to_thread.run_sync(write_stats, stats_path, operations, chunks)
+                continue
             log.info("received %s, unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
             return
 
 
-async def _report_ready(mountpoint: str, on_ready) -> None:
+async def _report_ready(config: MountConfig, on_ready) -> None:
     # The stat goes through the kernel to this daemon's own request loop, so
     # it runs in a thread while the loop serves it.
-    await trio.to_thread.run_sync(os.stat, mountpoint)
-    log.info("mount at %s is ready", mountpoint)
+    await trio.to_thread.run_sync(os.stat, config.mountpoint)
+    applied = await trio.to_thread.run_sync(
+        tune_mount, config.mountpoint, config.read_ahead_kb, config.max_background
+    )
+    log.info("mount at %s is ready, kernel settings %s", config.mountpoint, applied)
     if on_ready is not None:
         on_ready()

@@ -19,6 +19,7 @@ from shardfs.config import MountConfig
 from shardfs.errors import ReadFailed, ShardfsError, errno_for
 from shardfs.layout import slices_for_range
 from shardfs.mount.chunk_source import ChunkSource
+from shardfs.mount.prefetch import Prefetcher
 from shardfs.mount.tree import Node, Tree
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,19 @@ def _read_only(name: str):
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
-    def __init__(self, tree: Tree, chunks: ChunkSource, config: MountConfig):
+    def __init__(
+        self,
+        tree: Tree,
+        chunks: ChunkSource,
+        config: MountConfig,
+        prefetcher: Prefetcher | None = None,
+    ):
         super().__init__()
         self._tree = tree
         self._chunks = chunks
+        self._prefetcher = prefetcher
+        self.reads = 0
+        self.bytes_read = 0
         self._config = config
         self._handles: dict[int, Node] = {}
         self._handle_ids = itertools.count(1)
@@ -147,24 +157,27 @@ class Operations(pyfuse3.Operations):
         node = self._handles.get(fh)
         if node is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        self.reads += 1
+        if self._prefetcher is not None:
+            self._prefetcher.on_read(node.inode, node.entry, node.offsets, off, off + size)
         try:
-            return await self._read_range(node, off, off + size)
+            data = await self._read_range(node, off, off + size)
         except ShardfsError as exc:
             raise ReadFailed(node.model, node.entry.path, off, off + size, exc) from exc
+        self.bytes_read += len(data)
+        return data
 
     async def _read_range(self, node: Node, start: int, end: int) -> bytes:
         slices = slices_for_range(node.entry.chunks, node.offsets, start, end)
         if len(slices) == 1:
             piece = slices[0]
-            data = await self._chunks.get(piece.chunk)
-            return data[piece.start : piece.end]
+            return await self._chunks.read(piece.chunk, piece.start, piece.end)
 
         parts: list[bytes] = [b""] * len(slices)
 
         async def fetch(index: int) -> None:
             piece = slices[index]
-            data = await self._chunks.get(piece.chunk)
-            parts[index] = data[piece.start : piece.end]
+            parts[index] = await self._chunks.read(piece.chunk, piece.start, piece.end)
 
         async with trio.open_nursery() as nursery:
             for index in range(len(slices)):

@@ -1,0 +1,206 @@
+"""The SSD cache: decoded chunks as files named by their key.
+
+Layout under the cache directory (mode 0700)::
+
+    chunks/<key[0:2]>/<key>   one decoded chunk
+    tmp/                      files being written; emptied at start
+
+A chunk is written to ``tmp/`` and renamed into ``chunks/``, so a crashed
+daemon leaves no partial file under a chunk's name. A file that is damaged
+anyway (a lost page after a power cut, a full disk, tampering) is caught
+because each chunk is verified against its key the first time it is read
+after a start; a bad file is deleted and counts as a miss. The index is
+rebuilt by a scan at start; its LRU order starts from the files' mtimes.
+
+Methods block and are called from worker threads; one lock guards the
+index. The size cap is kept exactly: room is made before a chunk is added.
+"""
+
+import collections
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+
+from shardfs import codec
+from shardfs.errors import ChunkCorrupt
+
+log = logging.getLogger(__name__)
+
+_KEY_RE = re.compile(r"[0-9a-f]{32}")
+
+
+class DiskCache:
+    def __init__(self, directory: str, limit_bytes: int):
+        self.directory = directory
+        self.limit_bytes = limit_bytes
+        self.size_bytes = 0
+        self._chunks_dir = os.path.join(directory, "chunks")
+        self._tmp_dir = os.path.join(directory, "tmp")
+        self._lock = threading.Lock()
+        self._index: collections.OrderedDict[str, int] = collections.OrderedDict()
+        # Keys verified since this start; later reads of them may be partial.
+        self._verified: set[str] = set()
+        self._writing: set[str] = set()
+        self._write_failed = False
+
+    def open(self) -> None:
+        """Create the directories and rebuild the index from the files present."""
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+        shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        os.makedirs(self._tmp_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self._chunks_dir, mode=0o700, exist_ok=True)
+
+        found = []
+        for entry in _scan_files(self._chunks_dir):
+            if _KEY_RE.fullmatch(entry.name):
+                info = entry.stat()
+                found.append((info.st_mtime_ns, entry.name, info.st_size))
+            else:
+                _unlink(entry.path)
+        found.sort()
+        with self._lock:
+            for _, key, size in found:
+                self._index[key] = size
+                self.size_bytes += size
+            evicted = self._evict_until(self.limit_bytes)
+        self._unlink_all(evicted)
+        log.info(
+            "disk cache %s: %d chunks, %d of %d bytes",
+            self.directory,
+            len(self._index),
+            self.size_bytes,
+            self.limit_bytes,
+        )
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def is_verified(self, key: str) -> bool:
+        return key in self._verified and key in self._index
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self._chunks_dir, key[:2], key)
+
+    def read(self, key: str, length: int) -> bytes | None:
+        """Return the verified chunk, or None if it is missing or damaged."""
+        with self._lock:
+            if key not in self._index:
+                return None
+            self._index.move_to_end(key)
+        try:
+            with open(self._path(key), "rb") as file:
+                data = file.read(length + 1)
+        except FileNotFoundError:
+            self._forget(key)
+            return None
+        try:
+            codec.verify(key, length, data)
+        except ChunkCorrupt as exc:
+            log.warning("dropping damaged cache file: %s", exc)
+            self.drop(key)
+            return None
+        self._verified.add(key)
+        return data
+
+    def read_range(self, key: str, start: int, end: int) -> bytes | None:
+        """Return bytes ``[start, end)`` of a chunk verified since start, or None."""
+        with self._lock:
+            if key not in self._index or key not in self._verified:
+                return None
+            self._index.move_to_end(key)
+        try:
+            with open(self._path(key), "rb") as file:
+                data = os.pread(file.fileno(), end - start, start)
+        except FileNotFoundError:
+            self._forget(key)
+            return None
+        # A verified file can still shrink under us only by outside damage.
+        return data if len(data) == end - start else None
+
+    def write(self, key: str, data: bytes) -> None:
+        """Store a verified chunk; failures are logged once and leave no file."""
+        if len(data) > self.limit_bytes:
+            return
+        with self._lock:
+            if key in self._index or key in self._writing:
+                return
+            evicted = self._evict_until(self.limit_bytes - len(data))
+            # Reserve the space now, so concurrent writers cannot pass the cap.
+            self.size_bytes += len(data)
+            self._writing.add(key)
+        self._unlink_all(evicted)
+        try:
+            self._write_file(key, data)
+        except OSError as exc:
+            with self._lock:
+                self.size_bytes -= len(data)
+                self._writing.discard(key)
+            if not self._write_failed:
+                log.warning("disk cache write failed, serving from memory: %s", exc)
+            self._write_failed = True
+            return
+        with self._lock:
+            self._writing.discard(key)
+            self._index[key] = len(data)
+            self._verified.add(key)
+
+    def _write_file(self, key: str, data: bytes) -> None:
+        os.makedirs(os.path.dirname(self._path(key)), mode=0o700, exist_ok=True)
+        fd, temp_path = tempfile.mkstemp(dir=self._tmp_dir)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+            os.rename(temp_path, self._path(key))
+        except BaseException:
+            _unlink(temp_path)
+            raise
+
+    def drop(self, key: str) -> None:
+        self._forget(key)
+        _unlink(self._path(key))
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            size = self._index.pop(key, None)
+            if size is not None:
+                self.size_bytes -= size
+        self._verified.discard(key)
+
+    def _evict_until(self, target_bytes: int) -> list[str]:
+        """Remove LRU entries from the index until the total is at most *target_bytes*.
+
+        Returns the evicted keys; the caller deletes their files outside the lock.
+        """
+        evicted = []
+        while self.size_bytes > target_bytes and self._index:
+            key, size = self._index.popitem(last=False)
+            self.size_bytes -= size
+            self._verified.discard(key)
+            evicted.append(key)
+        return evicted
+
+    def _unlink_all(self, keys: list[str]) -> None:
+        for key in keys:
+            _unlink(self._path(key))
+
+
+def _scan_files(directory: str):
+    with os.scandir(directory) as top:
+        for subdir in top:
+            if not subdir.is_dir(follow_symlinks=False):
+                continue
+            with os.scandir(subdir.path) as entries:
+                for entry in entries:
+                    if entry.is_file(follow_symlinks=False):
+                        yield entry
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,154 @@
+"""Read-ahead: decide which chunks of a file to fetch before readers ask.
+
+State is kept per file, shared by every handle and process reading it,
+because loaders read one file from thread pools and forked workers: a
+per-handle guess would see random reads. Two rules decide what to fetch:
+
+* A reader that starts on a tensor (a span known from the file's header,
+  see `shardfs.formats`) reads all of it, so the rest of that span is
+  fetched at once, in parallel, and nothing past it.
+* A stream of reads that moves forward through the file, and past the end
+  of the span it started in, is a whole-file load: its window starts at
+  `initial_chunks` and doubles on every new chunk up to `max_chunks`.
+
+`ReadAhead` is the pure decision logic; `Prefetcher` feeds it the reads of
+the mount and hands its decisions to the chunk source.
+"""
+
+import bisect
+import collections
+import dataclasses
+import logging
+
+from shardfs import formats
+from shardfs.config import PrefetchConfig
+from shardfs.manifest import FileEntry
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Stream:
+    last_chunk: int
+    window: int
+    unit_end: int  # end offset of the span the stream started in
+    crossed: bool = False
+
+
+class ReadAhead:
+    """Read-ahead decisions for one file."""
+
+    def __init__(self, chunk_starts: list[int], size: int, config: PrefetchConfig):
+        self._chunk_starts = chunk_starts
+        self._size = size
+        self._config = config
+        self._streams: collections.OrderedDict[int, _Stream] = collections.OrderedDict()
+        self.spans: list[tuple[int, int]] | None = None
+        self._span_starts: list[int] = []
+
+    def set_spans(self, spans: list[tuple[int, int]]) -> None:
+        self.spans = spans
+        self._span_starts = [start for start, _ in spans]
+
+    def _chunk_of(self, offset: int) -> int:
+        return bisect.bisect_right(self._chunk_starts, offset) - 1
+
+    def _span_end(self, offset: int) -> int:
+        """Return the end of the span holding *offset*, or the file's end."""
+        if not self.spans:
+            return self._size
+        index = bisect.bisect_right(self._span_starts, offset) - 1
+        if index < 0:
+            return self._size
+        start, end = self.spans[index]
+        return end if start <= offset < end else self._size
+
+    def on_read(self, start: int, end: int) -> range:
+        """Record a read of ``[start, end)``; return the chunk indexes to fetch."""
+        if start >= end or start >= self._size:
+            return range(0)
+        first = self._chunk_of(start)
+        last = self._chunk_of(min(end, self._size) - 1)
+        stream = self._match_stream(first)
+
+        if stream is None:
+            stream = _Stream(last, 0, self._span_end(start))
+            self._remember(last, stream)
+        elif last > stream.last_chunk:
+            del self._streams[stream.last_chunk]
+            stream.last_chunk = last
+            if stream.window == 0:
+                stream.window = self._config.initial_chunks
+            else:
+                stream.window = min(stream.window * 2, self._config.max_chunks)
+            if end >= stream.unit_end + self._config.crossing_margin:
+                stream.crossed = True
+            self._remember(last, stream)
+
+        # The rest of the span being read: the reader will read it all.
+        limit = self._chunk_of(self._span_end(start) - 1) if self.spans else last
+        if stream.crossed or not self.spans:
+            limit = max(limit, last + stream.window)
+        limit = min(limit, last + self._config.max_chunks, len(self._chunk_starts) - 1)
+        return range(last + 1, limit + 1)
+
+    def _match_stream(self, first_chunk: int) -> _Stream | None:
+        """Return the stream that a read starting in *first_chunk* continues."""
+        for last_chunk, stream in reversed(self._streams.items()):
+            reach = max(1, stream.window)
+            if last_chunk <= first_chunk <= last_chunk + reach:
+                return stream
+        return None
+
+    def _remember(self, last_chunk: int, stream: _Stream) -> None:
+        self._streams[last_chunk] = stream
+        self._streams.move_to_end(last_chunk)
+        while len(self._streams) > self._config.max_streams:
+            self._streams.popitem(last=False)
+
+
+class Prefetcher:
+    """Feeds the reads of each file to its `ReadAhead` and starts the fetches."""
+
+    def __init__(self, chunks, config: PrefetchConfig, max_outstanding: int):
+        self._chunks = chunks
+        self._config = config
+        self._max_outstanding = max_outstanding
+        self._files: dict[int, ReadAhead] = {}
+        self._spans_tried: set[int] = set()
+
+    def _state(self, file_id: int, entry: FileEntry, offsets: list[int]) -> ReadAhead:
+        state = self._files.get(file_id)
+        if state is None:
+            state = ReadAhead(offsets, entry.size, self._config)
+            self._files[file_id] = state
+        return state
+
+    def on_read(self, file_id: int, entry: FileEntry, offsets: list[int], start: int, end: int) -> None:
+        """Record a demand read of ``[start, end)`` and start the fetches it calls for."""
+        if len(entry.chunks) < 2:
+            return
+        state = self._state(file_id, entry, offsets)
+        if state.spans is None:
+            self._learn_spans(file_id, entry, state)
+        for index in state.on_read(start, end):
+            if self._chunks.prefetches_outstanding >= self._max_outstanding:
+                break
+            self._chunks.prefetch(entry.chunks[index])
+
+    def _learn_spans(self, file_id: int, entry: FileEntry, state: ReadAhead) -> None:
+        """Parse tensor spans from the first or last chunk once it is in memory."""
+        first, last = entry.chunks[0], entry.chunks[-1]
+        head = self._chunks.memory.peek(first.key)
+        spans = None
+        if head is not None:
+            spans = formats.safetensors_spans(head, entry.size)
+        tail = self._chunks.memory.peek(last.key)
+        if spans is None and tail is not None:
+            spans = formats.zip_spans(tail, last.offset, entry.size)
+        if spans is not None:
+            state.set_spans(spans)
+            log.debug("file %d: %d tensor spans", file_id, len(spans))
+        elif head is not None and tail is not None:
+            # Neither format: plain read-ahead from here on.
+            state.set_spans([])
