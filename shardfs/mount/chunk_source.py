@@ -69,6 +69,10 @@ class ChunkSource:
         self._disk_io = trio.CapacityLimiter(8)
         self._nursery: trio.Nursery | None = None
         self.prefetches_outstanding = 0
+        self._prefetch_bytes = 0
+        # Chunks fetched but not yet written to the disk cache: still served
+        # from here, so a chunk just evicted from memory is not fetched twice.
+        self._pending_writes: dict[str, bytes] = {}
         self.stats = ChunkSourceStats()
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -77,9 +81,20 @@ class ChunkSource:
 
     def is_present(self, key: str) -> bool:
         """Whether *key* is in memory, in the disk cache or on its way."""
-        return key in self.memory or key in self._flights or (
-            self.disk is not None and key in self.disk
-        )
+        if key in self.memory or key in self._flights or key in self._pending_writes:
+            return True
+        return self.disk is not None and key in self.disk
+
+    def can_prefetch(self, length: int) -> bool:
+        """Whether a prefetch of *length* bytes fits the memory it may use.
+
+        With a working disk cache, prefetched chunks spill to disk; without
+        one they must wait in memory, in at most half of the room that
+        readers' chunks leave, or they would evict each other unread.
+        """
+        if self.disk is not None and self.disk.can_hold(length):
+            return True
+        return self._prefetch_bytes + length <= self.memory.probation_room // 2
 
     async def read(self, chunk: ChunkRef, start: int, end: int) -> bytes:
         """Return bytes ``[start, end)`` of the decoded *chunk*, verified.
@@ -87,6 +102,8 @@ class ChunkSource:
         Raises `ChunkCorrupt` or a `StoreError` when no good copy was found.
         """
         data = self.memory.get(chunk.key)
+        if data is None:
+            data = self._pending_writes.get(chunk.key)
         if data is not None:
             self.stats.memory_hits += 1
             return data[start:end]
@@ -105,6 +122,8 @@ class ChunkSource:
         """Return the whole decoded *chunk*, verified against its key."""
         while True:
             data = self.memory.get(chunk.key)
+            if data is None:
+                data = self._pending_writes.get(chunk.key)
             if data is not None:
                 self.stats.memory_hits += 1
                 return data
@@ -133,6 +152,7 @@ class ChunkSource:
         if self._nursery is None or self.is_present(chunk.key):
             return False
         self.prefetches_outstanding += 1
+        self._prefetch_bytes += chunk.length
         self._nursery.start_soon(self._prefetch_task, chunk)
         return True
 
@@ -143,6 +163,7 @@ class ChunkSource:
             log.debug("prefetch of chunk %s failed: %s", chunk.key, exc)
         finally:
             self.prefetches_outstanding -= 1
+            self._prefetch_bytes -= chunk.length
 
     async def _lead_flight(self, chunk: ChunkRef, priority: int) -> bytes:
         flight = _Flight(priority)
@@ -167,13 +188,17 @@ class ChunkSource:
                 return data
 
         data = await self._fetch(chunk, flight.ticket)
-        if self.disk is not None and self._nursery is not None:
+        if self.disk is not None and self.disk.can_hold(chunk.length) and self._nursery:
+            self._pending_writes[chunk.key] = data
             self._nursery.start_soon(self._write_to_disk, chunk.key, data)
         return data
 
     async def _write_to_disk(self, key: str, data: bytes) -> None:
-        async with self._disk_io:
-            await trio.to_thread.run_sync(self.disk.write, key, data)
+        try:
+            async with self._disk_io:
+                await trio.to_thread.run_sync(self.disk.write, key, data)
+        finally:
+            del self._pending_writes[key]
 
     async def _fetch(self, chunk: ChunkRef, ticket: Ticket) -> bytes:
         object_key = chunk_object_key(chunk.key)

@@ -23,6 +23,7 @@ from shardfs.mount.chunk_source import ChunkSource
 from shardfs.mount.disk_cache import DiskCache
 from shardfs.mount.fsops import Operations
 from shardfs.mount.kernel import tune_mount
+from shardfs.mount.malloc import fix_mmap_threshold
 from shardfs.mount.memory_cache import MemoryCache
 from shardfs.mount.prefetch import Prefetcher
 from shardfs.mount.tree import Tree
@@ -101,6 +102,7 @@ def open_disk_cache(config: MountConfig) -> DiskCache | None:
 def serve(store_config: StoreConfig, config: MountConfig, on_ready=None) -> None:
     """Mount the store and serve it until unmounted."""
     faulthandler.enable()
+    fix_mmap_threshold()
     check_mountpoint(config.mountpoint)
     store = open_store(store_config)
     store.check()

@@ -79,6 +79,11 @@ class DiskCache:
     def __contains__(self, key: str) -> bool:
         return key in self._index
 
+    def can_hold(self, length: int) -> bool:
+        """Whether a chunk of *length* bytes can be written; False once a
+        write has failed (full or read-only disk)."""
+        return not self._write_failed and length <= self.limit_bytes
+
     def is_verified(self, key: str) -> bool:
         return key in self._verified and key in self._index
 

@@ -132,9 +132,14 @@ class Prefetcher:
         if state.spans is None:
             self._learn_spans(file_id, entry, state)
         for index in state.on_read(start, end):
+            chunk = entry.chunks[index]
+            if self._chunks.is_present(chunk.key):
+                continue
             if self._chunks.prefetches_outstanding >= self._max_outstanding:
                 break
-            self._chunks.prefetch(entry.chunks[index])
+            if not self._chunks.can_prefetch(chunk.length):
+                break
+            self._chunks.prefetch(chunk)
 
     def _learn_spans(self, file_id: int, entry: FileEntry, state: ReadAhead) -> None:
         """Parse tensor spans from the first or last chunk once it is in memory."""

@@ -1,0 +1,287 @@
+"""Component tests of the memory cache, disk cache, priority queue,
+read-ahead decisions and format parsers, without a mount."""
+
+import io
+import os
+import zipfile
+
+import pytest
+import torch
+import trio
+import trio.testing
+from safetensors.torch import save
+
+from shardfs import codec, formats
+from shardfs.config import PrefetchConfig
+from shardfs.mount.disk_cache import DiskCache
+from shardfs.mount.memory_cache import MemoryCache
+from shardfs.mount.prefetch import ReadAhead
+from shardfs.mount.priority import DEMAND, PREFETCH, PriorityLimiter, Ticket
+
+MiB = 1024 * 1024
+
+
+def test_memory_cache_evicts_least_recent():
+    cache = MemoryCache(30)
+    cache.put("a", b"x" * 10)
+    cache.put("b", b"x" * 10)
+    cache.put("c", b"x" * 10)
+    assert cache.get("a") is not None
+    cache.put("d", b"x" * 10)
+    assert "b" not in cache
+    assert "a" in cache
+    assert cache.size_bytes == 30
+
+
+def test_memory_cache_prefetch_keeps_reader_chunks():
+    cache = MemoryCache(40, protected_share=0.5)
+    cache.put("used-1", b"x" * 10)
+    cache.put("used-2", b"x" * 10)
+    for index in range(5):
+        cache.put(f"ahead-{index}", b"x" * 10, prefetched=True)
+    assert "used-1" in cache
+    assert "used-2" in cache
+    assert cache.size_bytes <= 40
+
+
+def test_memory_cache_protected_share_leaves_room():
+    cache = MemoryCache(40, protected_share=0.5)
+    for index in range(4):
+        cache.put(f"used-{index}", b"x" * 10)
+    assert cache.probation_room == 20
+    assert cache.put("ahead", b"x" * 10, prefetched=True)
+    assert "used-3" in cache
+
+
+def test_memory_cache_prefetch_evicts_older_prefetch():
+    cache = MemoryCache(20)
+    cache.put("used", b"x" * 10)
+    cache.put("ahead-1", b"x" * 10, prefetched=True)
+    assert cache.put("ahead-2", b"x" * 10, prefetched=True)
+    assert "ahead-1" not in cache
+    assert "used" in cache
+
+
+def test_memory_cache_demand_evicts_prefetch_first():
+    cache = MemoryCache(20)
+    cache.put("used", b"x" * 10)
+    cache.put("ahead", b"x" * 10, prefetched=True)
+    cache.put("new", b"x" * 10)
+    assert "ahead" not in cache
+    assert "used" in cache
+
+
+def _chunk(seed: int, size: int = 1000) -> tuple[str, bytes]:
+    data = bytes([seed % 256]) * size
+    return codec.chunk_key(data), data
+
+
+def test_disk_cache_keeps_cap(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), 3500)
+    cache.open()
+    for seed in range(10):
+        cache.write(*_chunk(seed))
+    files = list((tmp_path / "cache" / "chunks").rglob("*"))
+    on_disk = sum(path.stat().st_size for path in files if path.is_file())
+    assert cache.size_bytes <= 3500
+    assert on_disk <= 3500
+
+
+def test_disk_cache_evicts_least_recent(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), 3000)
+    cache.open()
+    chunks = [_chunk(seed) for seed in range(3)]
+    for key, data in chunks:
+        cache.write(key, data)
+    assert cache.read(chunks[0][0], 1000) == chunks[0][1]
+    cache.write(*_chunk(99))
+    assert chunks[0][0] in cache
+    assert chunks[1][0] not in cache
+
+
+def test_disk_cache_survives_restart(tmp_path):
+    key, data = _chunk(7)
+    first = DiskCache(str(tmp_path / "cache"), 10_000)
+    first.open()
+    first.write(key, data)
+    second = DiskCache(str(tmp_path / "cache"), 10_000)
+    second.open()
+    assert key in second
+    assert not second.is_verified(key)
+    assert second.read(key, len(data)) == data
+    assert second.is_verified(key)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "longer"])
+def test_disk_cache_drops_damaged_file(tmp_path, damage):
+    key, data = _chunk(3)
+    cache = DiskCache(str(tmp_path / "cache"), 10_000)
+    cache.open()
+    path = tmp_path / "cache" / "chunks" / key[:2] / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    damaged = {
+        "truncated": data[:-1],
+        "flipped": bytes([data[0] ^ 1]) + data[1:],
+        "longer": data + b"!",
+    }[damage]
+    path.write_bytes(damaged)
+    restarted = DiskCache(str(tmp_path / "cache"), 10_000)
+    restarted.open()
+    assert restarted.read(key, len(data)) is None
+    assert not path.exists()
+    assert key not in restarted
+
+
+def test_disk_cache_clears_temporary_files(tmp_path):
+    tmp_dir = tmp_path / "cache" / "tmp"
+    tmp_dir.mkdir(parents=True)
+    (tmp_dir / "partial").write_bytes(b"half a chunk")
+    cache = DiskCache(str(tmp_path / "cache"), 10_000)
+    cache.open()
+    assert list(tmp_dir.iterdir()) == []
+    assert cache.size_bytes == 0
+
+
+def test_disk_cache_directory_mode(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), 10_000)
+    cache.open()
+    assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
+
+
+async def test_priority_limiter_serves_demand_first():
+    limiter = PriorityLimiter(1)
+    order = []
+    first = Ticket(DEMAND)
+    await limiter.acquire(first)
+
+    async def request(name, priority):
+        ticket = Ticket(priority)
+        await limiter.acquire(ticket)
+        order.append(name)
+        limiter.release()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request, "prefetch-1", PREFETCH)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(request, "prefetch-2", PREFETCH)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(request, "demand", DEMAND)
+        await trio.testing.wait_all_tasks_blocked()
+        limiter.release()
+    assert order == ["demand", "prefetch-1", "prefetch-2"]
+
+
+async def test_priority_limiter_raises_waiting_prefetch():
+    limiter = PriorityLimiter(1)
+    await limiter.acquire(Ticket(DEMAND))
+    order = []
+    tickets = {"prefetch-1": Ticket(PREFETCH), "prefetch-2": Ticket(PREFETCH)}
+
+    async def request(name):
+        await limiter.acquire(tickets[name])
+        order.append(name)
+        limiter.release()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request, "prefetch-1")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(request, "prefetch-2")
+        await trio.testing.wait_all_tasks_blocked()
+        limiter.raise_priority(tickets["prefetch-2"])
+        limiter.release()
+    assert order == ["prefetch-2", "prefetch-1"]
+
+
+async def test_priority_limiter_cancelled_waiter_leaves_queue():
+    limiter = PriorityLimiter(1)
+    await limiter.acquire(Ticket(DEMAND))
+    with trio.move_on_after(0.01):
+        await limiter.acquire(Ticket(PREFETCH))
+    assert limiter.waiting(PREFETCH) == 0
+    limiter.release()
+    assert limiter.in_use == 0
+
+
+def _read_ahead(chunk_count: int, chunk_size: int = MiB, spans=None, **config) -> ReadAhead:
+    starts = [index * chunk_size for index in range(chunk_count)]
+    state = ReadAhead(starts, chunk_count * chunk_size, PrefetchConfig(**config))
+    if spans is not None:
+        state.set_spans(spans)
+    return state
+
+
+def test_read_ahead_waits_for_a_forward_step():
+    state = _read_ahead(100, spans=[])
+    assert list(state.on_read(0, 128 * 1024)) == []
+    assert list(state.on_read(128 * 1024, 256 * 1024)) == []
+
+
+def test_read_ahead_window_doubles_on_sequential_reads():
+    state = _read_ahead(100, spans=[], initial_chunks=2, max_chunks=8)
+    state.on_read(0, MiB)
+    assert list(state.on_read(MiB, 2 * MiB)) == [2, 3]
+    assert list(state.on_read(2 * MiB, 3 * MiB)) == [3, 4, 5, 6]
+    assert list(state.on_read(3 * MiB, 4 * MiB)) == list(range(4, 12))
+    assert list(state.on_read(4 * MiB, 5 * MiB)) == list(range(5, 13))
+
+
+def test_read_ahead_ignores_random_reads():
+    state = _read_ahead(100, spans=[])
+    fetched = set()
+    for chunk in (50, 10, 77, 3, 91, 42, 60, 18):
+        fetched.update(state.on_read(chunk * MiB + 4096, chunk * MiB + 8192))
+    assert fetched == set()
+
+
+def test_read_ahead_fetches_rest_of_tensor_only():
+    # Header in chunk 0, then tensors of 4 chunks each.
+    spans = [(0, 100)] + [(100 + i * 4 * MiB, 100 + (i + 1) * 4 * MiB) for i in range(10)]
+    state = _read_ahead(41, spans=spans)
+    tensor = spans[5]
+    wanted = state.on_read(tensor[0], tensor[0] + 4096)
+    last_chunk = (tensor[1] - 1) // MiB
+    assert list(wanted) == list(range(tensor[0] // MiB + 1, last_chunk + 1))
+
+
+def test_read_ahead_whole_file_load_crosses_tensors():
+    spans = [(0, 100)] + [(100 + i * 2 * MiB, 100 + (i + 1) * 2 * MiB) for i in range(20)]
+    state = _read_ahead(41, spans=spans, crossing_margin=2 * MiB, max_chunks=8)
+    wanted = set()
+    for offset in range(0, 8 * MiB, MiB):
+        wanted.update(state.on_read(offset, offset + MiB))
+    assert max(wanted) >= 12
+
+
+def test_safetensors_spans_match_header():
+    tensors = {"b": torch.zeros(10), "a": torch.ones(3, dtype=torch.float16)}
+    data = save(tensors)
+    spans = formats.safetensors_spans(data, len(data))
+    assert spans[0][0] == 0
+    assert spans[-1][1] == len(data)
+    assert len(spans) == 3
+    assert sum(end - start for start, end in spans[1:]) == 10 * 4 + 3 * 2
+
+
+@pytest.mark.parametrize("data", [b"", b"\xff" * 16, b"\x05\x00\x00\x00\x00\x00\x00\x00{nope"])
+def test_safetensors_spans_rejects_other_data(data):
+    assert formats.safetensors_spans(data, len(data)) is None
+
+
+def test_zip_spans_cover_torch_records():
+    buffer = io.BytesIO()
+    torch.save({"w": torch.randn(1000), "b": torch.randn(10)}, buffer)
+    data = buffer.getvalue()
+    tail_offset = len(data) // 2
+    spans = formats.zip_spans(data[tail_offset:], tail_offset, len(data))
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        offsets = sorted(info.header_offset for info in archive.infolist())
+    assert [start for start, _ in spans[:-1]] == offsets
+    assert spans[-1][1] == len(data)
+
+
+def test_zip_spans_need_the_central_directory():
+    buffer = io.BytesIO()
+    torch.save({"w": torch.randn(100_000)}, buffer)
+    data = buffer.getvalue()
+    assert formats.zip_spans(data[-30:], len(data) - 30, len(data)) is None
+    assert formats.zip_spans(os.urandom(1000), 0, 1000) is None
