@@ -11,7 +11,9 @@ import faulthandler
 import json
 import logging
 import os
+import shutil
 import signal
+import subprocess
 
 import pyfuse3
 import trio
@@ -34,20 +36,55 @@ log = logging.getLogger(__name__)
 
 
 def check_mountpoint(path: str) -> None:
-    """Raise `UsageError` unless *path* is a directory with nothing mounted on it."""
+    """Raise `UsageError` unless *path* is a directory with nothing mounted on it.
+
+    A shardfs mount left behind by a daemon that was killed is unmounted
+    first; any other mount on *path* is an error.
+    """
+    if _is_stale_shardfs_mount(path):
+        _clear_stale_mount(path)
     try:
         os.stat(path)
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            raise UsageError(
-                f"mountpoint {path!r} holds a stale mount of a daemon that exited; "
-                f"clear it with 'fusermount3 -u {path}'"
-            ) from None
         raise UsageError(f"mountpoint {path!r} is not usable: {exc.strerror}") from None
     if not os.path.isdir(path):
         raise UsageError(f"mountpoint {path!r} is not a directory")
     if os.path.ismount(path):
         raise UsageError(f"mountpoint {path!r} is already a mount point")
+
+
+def _mount_type(path: str) -> str | None:
+    """Return the filesystem type mounted at *path*, from /proc/self/mounts."""
+    target = os.path.abspath(path)
+    found = None
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            # Mount points with spaces are written with octal escapes.
+            if len(fields) >= 3 and fields[1].encode().decode("unicode_escape") == target:
+                found = fields[2]
+    return found
+
+
+def _is_stale_shardfs_mount(path: str) -> bool:
+    if _mount_type(path) != "fuse.shardfs":
+        return False
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def _clear_stale_mount(path: str) -> None:
+    log.warning("clearing the stale mount at %s left by a daemon that exited", path)
+    fusermount = shutil.which("fusermount3") or "fusermount3"
+    result = subprocess.run([fusermount, "-u", "-z", path], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise UsageError(
+            f"mountpoint {path!r} holds a stale mount that could not be cleared: "
+            f"{result.stderr.strip()}; clear it with 'fusermount3 -u -z {path}'"
+        )
 
 
 def build_tree(store: Store) -> Tree:

@@ -1,0 +1,124 @@
+"""The mount command's lifecycle: ready on return, clean stops, stale mounts."""
+
+import errno
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import mounted, needs_fuse, run_shardfs
+
+pytestmark = needs_fuse
+
+MODEL_FILE = "org/tiny/weights.bin"
+
+
+@pytest.fixture
+def tiny_store(tmp_path):
+    source = tmp_path / "weights.bin"
+    source.write_bytes(os.urandom(300_000))
+    store = str(tmp_path / "store")
+    result = run_shardfs("push", "--store", store, str(source), "org/tiny")
+    assert result.returncode == 0, result.stderr
+    return store, source.read_bytes()
+
+
+def _daemon_pids(mountpoint: str) -> list[int]:
+    result = subprocess.run(
+        ["pgrep", "-f", f"shardfs.*mount.*{mountpoint}"], capture_output=True, text=True
+    )
+    return [int(pid) for pid in result.stdout.split()]
+
+
+def _wait_unmounted(mountpoint: str, timeout_s: float = 20) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while os.path.ismount(mountpoint):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_mount_is_ready_when_command_returns(tiny_store, tmp_path):
+    store, content = tiny_store
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    for attempt in range(20):
+        result = run_shardfs("mount", "--cache-dir", str(tmp_path / "cache"), store, str(mountpoint))
+        assert result.returncode == 0, f"attempt {attempt}: {result.stderr}"
+        assert os.stat(mountpoint / MODEL_FILE).st_size == len(content)
+        result = run_shardfs("unmount", str(mountpoint))
+        assert result.returncode == 0, result.stderr
+        assert _wait_unmounted(str(mountpoint))
+
+
+def test_background_daemon_serves_and_logs(tiny_store, tmp_path):
+    store, content = tiny_store
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    cache = tmp_path / "cache"
+    result = run_shardfs("mount", "--cache-dir", str(cache), store, str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    try:
+        assert (mountpoint / MODEL_FILE).read_bytes() == content
+    finally:
+        run_shardfs("unmount", str(mountpoint))
+    assert _wait_unmounted(str(mountpoint))
+    log_text = (cache / "daemon.log").read_text()
+    assert "is ready" in log_text
+    assert cache.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_signal_unmounts_cleanly(tiny_store, tmp_path, signum):
+    store, _ = tiny_store
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    result = run_shardfs("mount", "--cache-dir", str(tmp_path / "cache"), store, str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    pids = _daemon_pids(str(mountpoint))
+    assert len(pids) == 1
+    os.kill(pids[0], signum)
+    assert _wait_unmounted(str(mountpoint))
+    deadline = time.monotonic() + 10
+    while _daemon_pids(str(mountpoint)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _daemon_pids(str(mountpoint)) == []
+
+
+def test_mount_clears_stale_mount_of_killed_daemon(tiny_store, tmp_path):
+    store, content = tiny_store
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    cache = str(tmp_path / "cache")
+    result = run_shardfs("mount", "--cache-dir", cache, store, str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    os.kill(_daemon_pids(str(mountpoint))[0], signal.SIGKILL)
+    time.sleep(0.2)
+    try:
+        with pytest.raises(OSError) as info:
+            os.statvfs(mountpoint)
+        assert info.value.errno == errno.ENOTCONN
+        again = run_shardfs("mount", "--cache-dir", cache, store, str(mountpoint))
+        assert again.returncode == 0, again.stderr
+        assert (mountpoint / MODEL_FILE).read_bytes() == content
+        assert run_shardfs("unmount", str(mountpoint)).returncode == 0
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+
+
+def test_mount_rejects_other_filesystem_mounted(tiny_store, tmp_path):
+    store, _ = tiny_store
+    with mounted(store, str(tmp_path / "mnt")):
+        again = run_shardfs("mount", "--cache-dir", str(tmp_path / "c2"), store, str(tmp_path / "mnt"))
+        assert again.returncode == 2
+        assert "already a mount point" in again.stderr
+
+
+def test_foreground_mount_exits_zero_on_unmount(tiny_store, tmp_path):
+    store, content = tiny_store
+    with mounted(store, str(tmp_path / "mnt")) as mount:
+        assert (tmp_path / "mnt" / MODEL_FILE).read_bytes() == content
+        assert mount.process.poll() is None
