@@ -82,10 +82,10 @@ class StoreConfig:
     # Connections the S3 client keeps open; also the bound on concurrent
     # store requests of one process.
     max_connections: int = 16
-    # Per-request timeouts in seconds, so a stalled connection fails instead
-    # of holding a reader forever.
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 30.0
+    # Per-request timeouts in seconds, so a stalled connection fails and is
+    # retried well within a read's deadline (RetryConfig.deadline_s).
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +97,21 @@ class PushConfig:
     zstd_level: int = 3
     # Threads that compress and upload chunks at once.
     workers: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryConfig:
+    # A read fails with EIO once its chunk has not arrived for this long. A
+    # page fault waits this long in the kernel, so it stays well under the
+    # 120 s after which the kernel reports a task as hung.
+    deadline_s: float = 30.0
+    # Backoff before the second attempt, doubled for each further attempt
+    # up to max_delay_s, each with random jitter of up to half its length.
+    base_delay_s: float = 0.05
+    max_delay_s: float = 2.0
+    # A chunk that failed for good fails again at once for this long, so a
+    # reader retrying in a loop does not hammer the store.
+    failure_ttl_s: float = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +161,7 @@ class MountConfig:
     # /sys/fs/fuse/connections/<dev>/max_background. 0 leaves the default.
     max_background: int = 64
     prefetch: PrefetchConfig = PrefetchConfig()
+    retry: RetryConfig = RetryConfig()
 
 
 def parse_cache_size(text: str) -> tuple[int | None, float]:

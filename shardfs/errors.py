@@ -50,6 +50,18 @@ class ChunkCorrupt(ShardfsError):
         self.reason = reason
 
 
+class ChunkUnavailable(ShardfsError):
+    """No good copy of a chunk arrived within the read deadline."""
+
+    def __init__(self, key: str, attempts: int, seconds: float, cause: BaseException | None):
+        reason = f"{cause}" if cause is not None else "no response"
+        super().__init__(
+            f"chunk {key} not fetched after {attempts} attempts in {seconds:.1f} s: {reason}"
+        )
+        self.key = key
+        self.cause = cause
+
+
 class ManifestInvalid(ShardfsError):
     def __init__(self, model: str, reason: str):
         super().__init__(f"manifest of model {model!r} is invalid: {reason}")
@@ -71,6 +83,7 @@ class ReadFailed(ShardfsError):
 _ERRNO_TABLE: tuple[tuple[type[BaseException], int], ...] = (
     (ReadFailed, errno.EIO),
     (ObjectNotFound, errno.EIO),
+    (ChunkUnavailable, errno.EIO),
     (ChunkCorrupt, errno.EIO),
     (StoreUnavailable, errno.EIO),
     (StoreError, errno.EIO),

@@ -11,11 +11,13 @@ I/O) runs in worker threads. All methods run in the daemon's trio thread.
 
 import dataclasses
 import logging
+import random
 
 import trio
 
 from shardfs import codec
-from shardfs.errors import ChunkCorrupt
+from shardfs.config import RetryConfig
+from shardfs.errors import ChunkCorrupt, ChunkUnavailable, StoreUnavailable
 from shardfs.manifest import ChunkRef
 from shardfs.mount.disk_cache import DiskCache
 from shardfs.mount.memory_cache import MemoryCache
@@ -24,9 +26,10 @@ from shardfs.stores.base import Store, chunk_object_key
 
 log = logging.getLogger(__name__)
 
-# A chunk whose fetch or decode failed is fetched once more before the error
-# reaches the reader: a corrupt transfer is rarely repeated.
-FETCH_ATTEMPTS = 2
+# Failures that a later attempt may not repeat: throttling, server errors,
+# dropped connections and timeouts (all StoreUnavailable), and bytes damaged
+# in transit, which fail verification.
+TRANSIENT_ERRORS = (StoreUnavailable, ChunkCorrupt)
 
 
 @dataclasses.dataclass
@@ -38,6 +41,8 @@ class ChunkSourceStats:
     memory_hits: int = 0
     disk_hits: int = 0
     corrupt_chunks: int = 0
+    retries: int = 0
+    failed_chunks: int = 0
 
 
 class _Flight:
@@ -58,11 +63,15 @@ class ChunkSource:
         disk: DiskCache | None,
         connections: int,
         decoders: int,
+        retry: RetryConfig = RetryConfig(),
     ):
         self._store = store
         self.memory = memory
         self.disk = disk
         self._flights: dict[str, _Flight] = {}
+        self._retry = retry
+        # Chunks that failed for good: key -> (time the entry expires, error).
+        self._failures: dict[str, tuple[float, BaseException]] = {}
         self.connections = PriorityLimiter(connections)
         self._decoders = trio.CapacityLimiter(decoders)
         # Cache file reads and writes; page-cache speed, so a few suffice.
@@ -130,6 +139,7 @@ class ChunkSource:
 
             flight = self._flights.get(chunk.key)
             if flight is None:
+                self._raise_recent_failure(chunk.key)
                 return await self._lead_flight(chunk, priority)
 
             if priority == DEMAND:
@@ -174,10 +184,23 @@ class ChunkSource:
             return flight.data
         except BaseException as exc:
             flight.error = exc
+            if isinstance(exc, Exception):
+                self.stats.failed_chunks += 1
+                expires = trio.current_time() + self._retry.failure_ttl_s
+                self._failures[chunk.key] = (expires, exc)
             raise
         finally:
             del self._flights[chunk.key]
             flight.done.set()
+
+    def _raise_recent_failure(self, key: str) -> None:
+        failure = self._failures.get(key)
+        if failure is None:
+            return
+        expires, error = failure
+        if trio.current_time() < expires:
+            raise error
+        del self._failures[key]
 
     async def _load(self, chunk: ChunkRef, flight: _Flight) -> bytes:
         if self.disk is not None and chunk.key in self.disk:
@@ -201,27 +224,65 @@ class ChunkSource:
             del self._pending_writes[key]
 
     async def _fetch(self, chunk: ChunkRef, ticket: Ticket) -> bytes:
-        object_key = chunk_object_key(chunk.key)
-        for attempt in range(1, FETCH_ATTEMPTS + 1):
-            await self.connections.acquire(ticket)
+        """Fetch and decode *chunk*, retrying transient failures until the deadline.
+
+        Every waiter of the flight shares these attempts. Raises
+        `ChunkUnavailable` when the deadline passes, or the first error that
+        no retry can fix (a missing object, refused access).
+        """
+        started = trio.current_time()
+        deadline = started + self._retry.deadline_s
+        last_error: BaseException | None = None
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                stored = await trio.to_thread.run_sync(self._store.get, object_key)
-            finally:
-                self.connections.release()
-            self.stats.chunks_fetched += 1
-            self.stats.bytes_fetched += len(stored)
-            if ticket.priority == PREFETCH:
-                self.stats.prefetch_fetches += 1
-            try:
-                async with self._decoders:
-                    data = await trio.to_thread.run_sync(
-                        codec.decode, chunk.key, chunk.length, stored
-                    )
-                self.stats.bytes_decoded += len(data)
-                return data
-            except ChunkCorrupt as exc:
-                self.stats.corrupt_chunks += 1
-                if attempt == FETCH_ATTEMPTS:
-                    raise
-                log.warning("fetching chunk again, attempt %d failed: %s", attempt, exc)
-        raise AssertionError("unreachable")
+                with trio.fail_at(deadline):
+                    return await self._fetch_once(chunk, ticket)
+            except trio.TooSlowError:
+                raise ChunkUnavailable(
+                    chunk.key, attempt, trio.current_time() - started, last_error
+                ) from None
+            except TRANSIENT_ERRORS as exc:
+                last_error = exc
+                self.stats.retries += 1
+                delay = backoff_delay(self._retry, attempt)
+                if trio.current_time() + delay >= deadline:
+                    raise ChunkUnavailable(
+                        chunk.key, attempt, trio.current_time() - started, exc
+                    ) from None
+                level = logging.INFO if attempt == 1 else logging.WARNING
+                log.log(level, "retrying chunk %s in %.2f s, attempt %d failed: %s",
+                        chunk.key, delay, attempt, exc)
+                await trio.sleep(delay)
+
+    async def _fetch_once(self, chunk: ChunkRef, ticket: Ticket) -> bytes:
+        await self.connections.acquire(ticket)
+        try:
+            # A hung request is abandoned at the deadline; its thread ends
+            # when the store client's own socket timeout fires.
+            stored = await trio.to_thread.run_sync(
+                self._store.get, chunk_object_key(chunk.key), abandon_on_cancel=True
+            )
+        finally:
+            self.connections.release()
+        self.stats.chunks_fetched += 1
+        self.stats.bytes_fetched += len(stored)
+        if ticket.priority == PREFETCH:
+            self.stats.prefetch_fetches += 1
+        try:
+            async with self._decoders:
+                data = await trio.to_thread.run_sync(
+                    codec.decode, chunk.key, chunk.length, stored
+                )
+        except ChunkCorrupt:
+            self.stats.corrupt_chunks += 1
+            raise
+        self.stats.bytes_decoded += len(data)
+        return data
+
+
+def backoff_delay(config: RetryConfig, attempt: int) -> float:
+    """Return the pause after failed attempt number *attempt*, with jitter."""
+    delay = min(config.base_delay_s * 2 ** (attempt - 1), config.max_delay_s)
+    return delay * (0.5 + random.random() / 2)

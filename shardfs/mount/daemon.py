@@ -150,6 +150,7 @@ def serve(store_config: StoreConfig, config: MountConfig, on_ready=None) -> None
         open_disk_cache(config),
         connections=store_config.max_connections,
         decoders=config.decode_workers,
+        retry=config.retry,
     )
     prefetcher = None
     if config.prefetch.enabled:

@@ -1,0 +1,174 @@
+"""The chunk source against in-memory stores that fail on purpose."""
+
+import threading
+
+import pytest
+import trio
+
+from shardfs import codec
+from shardfs.config import RetryConfig
+from shardfs.errors import (
+    ChunkCorrupt,
+    ChunkUnavailable,
+    ObjectNotFound,
+    StoreAccessDenied,
+    StoreUnavailable,
+)
+from shardfs.manifest import ChunkRef
+from shardfs.mount.chunk_source import ChunkSource
+from shardfs.mount.disk_cache import DiskCache
+from shardfs.mount.memory_cache import MemoryCache
+from shardfs.stores.base import chunk_object_key
+
+FAST_RETRY = RetryConfig(deadline_s=2.0, base_delay_s=0.001, max_delay_s=0.01, failure_ttl_s=60)
+DATA = bytes(range(256)) * 4096
+
+
+class ScriptedStore:
+    """A store whose gets fail as the test scripts them, counting every get."""
+
+    url = "memory://test"
+
+    def __init__(self, objects: dict[str, bytes]):
+        self.objects = objects
+        self.gets = 0
+        self.failures: list = []  # exceptions or callables applied in order
+        self.release = threading.Event()
+        self.release.set()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes:
+        self.release.wait()
+        with self._lock:
+            self.gets += 1
+            failure = self.failures.pop(0) if self.failures else None
+        if isinstance(failure, BaseException):
+            raise failure
+        if key not in self.objects:
+            raise ObjectNotFound(key)
+        data = self.objects[key]
+        return failure(data) if failure else data
+
+
+def _setup(tmp_path=None, retry=FAST_RETRY):
+    encoded = codec.encode(DATA)
+    store = ScriptedStore({chunk_object_key(encoded.key): encoded.data})
+    disk = None
+    if tmp_path is not None:
+        disk = DiskCache(str(tmp_path / "cache"), 1 << 30)
+        disk.open()
+    source = ChunkSource(store, MemoryCache(1 << 26), disk, 4, 2, retry)
+    chunk = ChunkRef(0, len(DATA), encoded.key, len(encoded.data))
+    return store, source, chunk
+
+
+def _flip_last_byte(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
+@pytest.mark.parametrize(
+    "failures",
+    [
+        [StoreUnavailable("memory://test", "HTTP 503 SlowDown")],
+        [StoreUnavailable("memory://test", "reset")] * 3,
+        [_flip_last_byte],
+        [lambda data: data[: len(data) // 2]],
+    ],
+    ids=["throttled", "three-resets", "flipped-byte", "truncated"],
+)
+async def test_transient_failures_are_retried(failures):
+    store, source, chunk = _setup()
+    store.failures = list(failures)
+    assert await source.get(chunk) == DATA
+    assert store.gets == len(failures) + 1
+    assert source.stats.retries == len(failures)
+
+
+async def test_waiters_share_one_fetch():
+    store, source, chunk = _setup()
+    store.release.clear()
+    results = []
+
+    async def reader():
+        results.append(await source.read(chunk, 10, 20))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(reader)
+        await trio.sleep(0.05)
+        store.release.set()
+    assert results == [DATA[10:20]] * 10
+    assert store.gets == 1
+
+
+async def test_waiters_share_the_retries():
+    store, source, chunk = _setup()
+    store.failures = [StoreUnavailable("memory://test", "reset")] * 2
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(source.get, chunk)
+    assert store.gets == 3
+
+
+async def test_persistent_failure_ends_at_deadline():
+    retry = RetryConfig(deadline_s=0.3, base_delay_s=0.01, max_delay_s=0.05)
+    store, source, chunk = _setup(retry=retry)
+    store.failures = [StoreUnavailable("memory://test", "HTTP 500")] * 1000
+    started = trio.current_time()
+    with pytest.raises(ChunkUnavailable, match="HTTP 500"):
+        await source.get(chunk)
+    assert trio.current_time() - started < 1.0
+    assert store.gets > 2
+
+
+async def test_hung_request_ends_at_deadline():
+    retry = RetryConfig(deadline_s=0.3)
+    store, source, chunk = _setup(retry=retry)
+    store.release.clear()
+    started = trio.current_time()
+    with pytest.raises(ChunkUnavailable):
+        await source.get(chunk)
+    assert trio.current_time() - started < 1.0
+    store.release.set()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ObjectNotFound("chunks/x"), StoreAccessDenied("memory://test", "AccessDenied")],
+    ids=["missing", "denied"],
+)
+async def test_permanent_failure_is_not_retried(error):
+    store, source, chunk = _setup()
+    store.failures = [error]
+    with pytest.raises(type(error)):
+        await source.get(chunk)
+    assert store.gets == 1
+
+
+async def test_recent_failure_fails_fast():
+    store, source, chunk = _setup()
+    store.failures = [ObjectNotFound("chunks/x")]
+    with pytest.raises(ObjectNotFound):
+        await source.get(chunk)
+    with pytest.raises(ObjectNotFound):
+        await source.get(chunk)
+    assert store.gets == 1
+
+
+async def test_always_corrupt_chunk_is_never_returned():
+    store, source, chunk = _setup(retry=RetryConfig(deadline_s=0.2, base_delay_s=0.01))
+    store.failures = [_flip_last_byte] * 1000
+    with pytest.raises(ChunkUnavailable) as info:
+        await source.get(chunk)
+    assert isinstance(info.value.cause, ChunkCorrupt)
+
+
+async def test_disk_cache_serves_after_memory(tmp_path):
+    store, source, chunk = _setup(tmp_path)
+    async with trio.open_nursery() as nursery:
+        source.start(nursery)
+        assert await source.get(chunk) == DATA
+    restarted = ChunkSource(store, MemoryCache(1 << 26), source.disk, 4, 2, FAST_RETRY)
+    assert await restarted.read(chunk, 0, 100) == DATA[:100]
+    assert store.gets == 1
+    assert restarted.stats.disk_hits == 1
