@@ -47,6 +47,24 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * unit)
 
 
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]?)\s*")
+
+
+def parse_duration(text: str) -> float:
+    """Parse a duration such as ``30m``, ``24h``, ``7d``, ``90s`` or ``0``, in seconds.
+
+    A plain number is seconds.
+    """
+    match = _DURATION_RE.fullmatch(text.lower())
+    if not match or match.group(2) not in _DURATION_UNITS:
+        raise UsageError(
+            f"invalid duration {text!r}: expected a number with an optional "
+            "unit s, m, h, d or w, such as 30m, 24h or 7d"
+        )
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
 def format_size(count: float) -> str:
     """Format a byte count with a binary unit, as ``12.3 MiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -160,6 +178,9 @@ class MountConfig:
     # read-ahead (its default is 12), written to
     # /sys/fs/fuse/connections/<dev>/max_background. 0 leaves the default.
     max_background: int = 64
+    # Seconds between re-reads of the model listing; new opens see models
+    # pushed, replaced or removed since. 0 reads the listing only at start.
+    refresh_interval_s: float = 60.0
     prefetch: PrefetchConfig = PrefetchConfig()
     retry: RetryConfig = RetryConfig()
 

@@ -17,6 +17,7 @@ from shardfs.commands import add_store_options, store_config
 from shardfs.config import (
     MountConfig,
     PrefetchConfig,
+    RetryConfig,
     default_cache_dir,
     parse_cache_size,
     parse_size,
@@ -64,6 +65,22 @@ def add_parser(subparsers) -> None:
         metavar="N",
         help="concurrent store requests of the whole mount (default: 16)",
     )
+    parser.add_argument(
+        "--refresh-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how often to re-read the model listing; 0 reads it only at "
+        "start (default: 60)",
+    )
+    parser.add_argument(
+        "--read-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a read fails with EIO once its data has not arrived for this "
+        "long, retries included (default: 30)",
+    )
     tuning = parser.add_argument_group("tuning")
     tuning.add_argument(
         "--no-prefetch",
@@ -110,6 +127,12 @@ def _mount_config(args) -> MountConfig:
     ):
         if value < 0 or (option == "--max-connections" and value < 1):
             raise UsageError(f"invalid {option} {value}: expected a positive number")
+    for option, seconds in (
+        ("--refresh-interval", args.refresh_interval),
+        ("--read-timeout", args.read_timeout),
+    ):
+        if not 0 <= seconds < 1e6 or (option == "--read-timeout" and seconds == 0):
+            raise UsageError(f"invalid {option} {seconds}: expected seconds above 0")
     memory_limit = parse_size(args.memory_limit)
     if memory_limit < MIN_MEMORY_LIMIT:
         raise UsageError(
@@ -124,7 +147,9 @@ def _mount_config(args) -> MountConfig:
         cache_share=cache_share,
         read_ahead_kb=args.read_ahead_kb,
         max_background=args.max_background,
+        refresh_interval_s=args.refresh_interval,
         prefetch=PrefetchConfig(enabled=not args.no_prefetch),
+        retry=RetryConfig(deadline_s=args.read_timeout),
     )
 
 
@@ -217,6 +242,10 @@ def _forwarded_options(args, config: MountConfig) -> list[str]:
         str(config.read_ahead_kb),
         "--max-background",
         str(config.max_background),
+        "--refresh-interval",
+        str(config.refresh_interval_s),
+        "--read-timeout",
+        str(config.retry.deadline_s),
     ]
     if args.no_prefetch:
         options.append("--no-prefetch")

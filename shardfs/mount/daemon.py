@@ -19,18 +19,17 @@ import pyfuse3
 import trio
 
 from shardfs.config import MountConfig, StoreConfig
-from shardfs.errors import ManifestInvalid, ObjectNotFound, UsageError
-from shardfs.manifest import parse_manifest
+from shardfs.errors import StoreError, StoreUnavailable, UsageError
 from shardfs.mount.chunk_source import ChunkSource
 from shardfs.mount.disk_cache import DiskCache
 from shardfs.mount.fsops import Operations
 from shardfs.mount.kernel import tune_mount
+from shardfs.mount.listing import ListingState, ManifestCopy, apply_listing, fetch_manifests
 from shardfs.mount.malloc import fix_mmap_threshold
 from shardfs.mount.memory_cache import MemoryCache
 from shardfs.mount.prefetch import Prefetcher
 from shardfs.mount.tree import Tree
-from shardfs.stores import Store, list_models, open_store
-from shardfs.stores.base import manifest_object_key
+from shardfs.stores import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -87,28 +86,21 @@ def _clear_stale_mount(path: str) -> None:
         )
 
 
-def build_tree(store: Store) -> Tree:
-    """Read every manifest in *store* into a tree, skipping invalid ones."""
-    tree = Tree()
-    names = list_models(store)
-    for name in names:
-        try:
-            manifest = parse_manifest(name, store.get(manifest_object_key(name)))
-            tree.add_model(manifest)
-        except ObjectNotFound:
-            log.info("model %r was removed while the store was read", name)
-        except ManifestInvalid as exc:
-            log.warning("model refused: %s", exc)
-        except ValueError as exc:
-            log.warning("model %r refused: %s", name, exc)
-    log.info(
-        "store %s: %d models, %d files, %d bytes",
-        store.url,
-        len(names),
-        tree.count_files(),
-        tree.total_size(),
-    )
-    return tree
+def load_listing(store: Store, copy: ManifestCopy) -> dict[str, bytes]:
+    """Return the raw manifests of the store, or the last good copy if it is down."""
+    try:
+        store.check()
+        manifests = fetch_manifests(store)
+    except StoreUnavailable as exc:
+        manifests = copy.load()
+        log.warning(
+            "store is unreachable, serving %d models from the last listing: %s",
+            len(manifests),
+            exc,
+        )
+        return manifests
+    copy.save(manifests)
+    return manifests
 
 
 def mount_options(config: MountConfig) -> set[str]:
@@ -142,8 +134,18 @@ def serve(store_config: StoreConfig, config: MountConfig, on_ready=None) -> None
     fix_mmap_threshold()
     check_mountpoint(config.mountpoint)
     store = open_store(store_config)
-    store.check()
-    tree = build_tree(store)
+    copy = ManifestCopy(os.path.join(config.cache_dir, "manifests"))
+    os.makedirs(config.cache_dir, mode=0o700, exist_ok=True)
+    tree = Tree()
+    listing = ListingState()
+    apply_listing(tree, listing, load_listing(store, copy))
+    log.info(
+        "store %s: %d models, %d files, %d bytes",
+        store.url,
+        len(listing.digests),
+        tree.count_files(),
+        tree.total_size(),
+    )
     chunks = ChunkSource(
         store,
         MemoryCache(config.memory_limit),
@@ -167,7 +169,8 @@ def serve(store_config: StoreConfig, config: MountConfig, on_ready=None) -> None
     log.info("mounted %s at %s", store.url, config.mountpoint)
     stats_path = os.path.join(config.cache_dir, "stats.json")
     try:
-        trio.run(_run_session, config, operations, chunks, stats_path, on_ready)
+        refresher = Refresher(store, copy, tree, listing, config.refresh_interval_s)
+        trio.run(_run_session, config, operations, chunks, refresher, stats_path, on_ready)
     finally:
         pyfuse3.close(unmount=True)
         write_stats(stats_path, operations, chunks)
@@ -194,9 +197,10 @@ def write_stats(path: str, operations: Operations, chunks: ChunkSource) -> None:
         log.warning("cannot write statistics to %s: %s", path, exc)
 
 
-async def _run_session(config, operations, chunks, stats_path, on_ready) -> None:
+async def _run_session(config, operations, chunks, refresher, stats_path, on_ready) -> None:
     async with trio.open_nursery() as nursery:
         chunks.start(nursery)
+        nursery.start_soon(refresher.run)
         nursery.start_soon(_handle_signals, operations, chunks, stats_path)
         nursery.start_soon(_report_ready, config, on_ready)
         await pyfuse3.main()
@@ -225,3 +229,40 @@ async def _report_ready(config: MountConfig, on_ready) -> None:
     log.info("mount at %s is ready, kernel settings %s", config.mountpoint, applied)
     if on_ready is not None:
         on_ready()
+
+
+class Refresher:
+    """Re-reads the model listing every *interval_s* seconds and applies it."""
+
+    def __init__(self, store, copy, tree, listing, interval_s: float):
+        self._store = store
+        self._copy = copy
+        self._tree = tree
+        self._listing = listing
+        self._interval_s = interval_s
+        self._failures = 0
+
+    async def run(self) -> None:
+        if self._interval_s <= 0:
+            return
+        while True:
+            await trio.sleep(self._interval_s)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        try:
+            raw = await trio.to_thread.run_sync(fetch_manifests, self._store)
+        except StoreError as exc:
+            self._failures += 1
+            # One line when the store goes away, then one per hundred tries.
+            if self._failures % 100 == 1:
+                log.warning("listing the store failed, keeping the last listing: %s", exc)
+            return
+        if self._failures:
+            log.info("listing the store works again after %d failures", self._failures)
+            self._failures = 0
+        stale = apply_listing(self._tree, self._listing, raw)
+        for parent_inode, name in stale:
+            pyfuse3.invalidate_entry_async(parent_inode, os.fsencode(name), ignore_enoent=True)
+        if stale or len(raw) != len(self._listing.digests):
+            await trio.to_thread.run_sync(self._copy.save, raw)

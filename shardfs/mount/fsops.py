@@ -82,7 +82,7 @@ class Operations(pyfuse3.Operations):
         self._gid = os.getgid()
 
     def _node(self, inode: int) -> Node:
-        node = self._tree.nodes.get(inode)
+        node = self._tree.node(inode)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
@@ -129,7 +129,7 @@ class Operations(pyfuse3.Operations):
         # start_id is the index of the next entry to send, so a reply that
         # filled the kernel's buffer resumes exactly where it stopped.
         for index in range(start_id, len(names)):
-            child = self._tree.nodes[directory.children[names[index]]]
+            child = self._tree.node(directory.children[names[index]])
             if not pyfuse3.readdir_reply(
                 token, os.fsencode(names[index]), self._attributes(child), index + 1
             ):
@@ -200,7 +200,7 @@ class Operations(pyfuse3.Operations):
         result.f_blocks = max(1, -(-self._tree.total_size() // BLOCK_SIZE))
         result.f_bfree = 0
         result.f_bavail = 0
-        result.f_files = len(self._tree.nodes)
+        result.f_files = self._tree.count_nodes()
         result.f_ffree = 0
         result.f_favail = 0
         result.f_namemax = 255
