@@ -43,9 +43,34 @@ class ObjectNotFound(StoreError):
         self.key = key
 
 
+class ModelNotFound(ShardfsError):
+    def __init__(self, model: str, url: str):
+        super().__init__(f"model {model!r} not found in store {url}")
+        self.model = model
+
+
 class ChunkCorrupt(ShardfsError):
     def __init__(self, key: str, reason: str):
         super().__init__(f"chunk {key} is corrupt: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class ChunkEncodingUnknown(ChunkCorrupt):
+    """A chunk object names a codec or transform this version does not define.
+
+    A newer shardfs wrote it; the bytes are never guessed at.
+    """
+
+    def __init__(self, key: str, codec_id: int, transform_id: int, flags: int = 0):
+        encoding = f"codec {codec_id}, transform {transform_id}"
+        if flags:
+            encoding += f", flags {flags:#06x}"
+        reason = (
+            f"encoding {encoding} is not supported by this version of shardfs; "
+            "upgrade shardfs to read it"
+        )
+        ShardfsError.__init__(self, f"chunk {key} cannot be decoded: {reason}")
         self.key = key
         self.reason = reason
 

@@ -11,13 +11,16 @@ import json
 import re
 import stat
 
+from shardfs import codec
 from shardfs.errors import ManifestInvalid
 
 FORMAT = "shardfs-manifest"
 VERSION = 1
 
-CODECS = ("raw", "zstd")
-TRANSFORMS = ("none",)
+# The encodings this version can decode; a manifest naming any other is
+# rejected, so a daemon never serves a model it would misread.
+CODECS = tuple(codec.CODEC_IDS)
+TRANSFORMS = tuple(codec.TRANSFORMS)
 
 # A manifest of 64 MiB describes about 200,000 chunks, over 1.5 TiB of model
 # at the default chunk size; anything larger is taken as damage or abuse.
@@ -225,18 +228,20 @@ def _chunk_from_doc(doc: object) -> ChunkRef:
     key = _field(doc, "key", str)
     if not _KEY_RE.fullmatch(key):
         raise ValueError(f"chunk key {key!r} is not 32 lowercase hex digits")
-    codec = _field(doc, "codec", str)
-    if codec not in CODECS:
-        raise ValueError(f"chunk {key}: unknown codec {codec!r}")
+    codec_name = _field(doc, "codec", str)
+    if codec_name not in CODECS:
+        raise ValueError(f"chunk {key}: unknown codec {codec_name!r}")
     transform = _field(doc, "transform", str)
     if transform not in TRANSFORMS:
         raise ValueError(f"chunk {key}: unknown transform {transform!r}")
+    if not codec.is_valid_encoding(codec_name, transform):
+        raise ValueError(f"chunk {key}: codec {codec_name!r} cannot carry transform {transform!r}")
     return ChunkRef(
         offset=_bounded_int(doc, "offset", 0, MAX_FILE_SIZE),
         length=_bounded_int(doc, "length", 1, MAX_CHUNK_LENGTH),
         key=key,
         stored_length=_bounded_int(doc, "stored_length", 1, 2 * MAX_CHUNK_LENGTH),
-        codec=codec,
+        codec=codec_name,
         transform=transform,
     )
 

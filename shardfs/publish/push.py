@@ -11,12 +11,13 @@ import hashlib
 import logging
 import os
 import stat
+import struct
 import threading
 import time
 
-from shardfs import codec
+from shardfs import codec, formats
 from shardfs.config import PushConfig
-from shardfs.errors import ChunkCorrupt, UsageError
+from shardfs.errors import ChunkCorrupt, ChunkEncodingUnknown, UsageError
 from shardfs.manifest import (
     ChunkRef,
     FileEntry,
@@ -25,8 +26,9 @@ from shardfs.manifest import (
     check_model_name,
     to_json,
 )
-from shardfs.publish.chunking import fixed_spans
+from shardfs.publish.chunking import PlannedChunk, plan_chunks
 from shardfs.publish.progress import PushProgress
+from shardfs.publish.retire import retire_manifest
 from shardfs.stores.base import Store, chunk_object_key, manifest_object_key
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,12 @@ def _source_file(relative: str, abspath: str, info: os.stat_result) -> SourceFil
 
 
 class _ChunkUploader:
-    """Encodes chunks and uploads those the store lacks, on a thread pool."""
+    """Encodes chunks and uploads those the store lacks, on a thread pool.
+
+    A chunk found in the store has its modification time renewed, so that
+    `shardfs gc`, which deletes only unnamed chunks older than its grace
+    period, does not delete it before the manifest that names it is written.
+    """
 
     def __init__(self, store: Store, config: PushConfig, progress: PushProgress):
         self._store = store
@@ -104,45 +111,79 @@ class _ChunkUploader:
         # Bounds the chunks held in memory: read, queued or being uploaded.
         self._slots = threading.BoundedSemaphore(config.workers * 2)
         self._lock = threading.Lock()
+        # The first chunk of each key in this push; later equal chunks wait
+        # for it instead of being encoded and uploaded again.
+        self._first: dict[str, concurrent.futures.Future] = {}
 
-    def submit(self, offset: int, data: bytes) -> concurrent.futures.Future:
+    def submit(self, plan: PlannedChunk, data: bytes) -> concurrent.futures.Future:
+        """Start storing the chunk *data* cut at *plan*; the future returns its `ChunkRef`."""
+        key = codec.chunk_key(data)
+        first = self._first.get(key)
+        if first is not None:
+            return self._repeat(first, plan)
         self._slots.acquire()
         try:
-            future = self._pool.submit(self._store_chunk, offset, data)
+            future = self._pool.submit(self._store_chunk, plan, key, data)
         except BaseException:
             self._slots.release()
             raise
         future.add_done_callback(lambda _: self._slots.release())
+        self._first[key] = future
         return future
+
+    def _repeat(self, first: concurrent.futures.Future, plan: PlannedChunk):
+        repeat = concurrent.futures.Future()
+
+        def resolve(done: concurrent.futures.Future) -> None:
+            if done.cancelled():
+                repeat.cancel()
+                return
+            if done.exception() is not None:
+                repeat.set_exception(done.exception())
+                return
+            ref = dataclasses.replace(done.result(), offset=plan.start)
+            with self._lock:
+                self._progress.add_chunk(ref.length, ref.stored_length, uploaded=False)
+            repeat.set_result(ref)
+
+        first.add_done_callback(resolve)
+        return repeat
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _store_chunk(self, offset: int, data: bytes) -> ChunkRef:
-        encoded = codec.encode(data, self._config.zstd_level)
-        object_key = chunk_object_key(encoded.key)
-        existing = self._existing_header(encoded.key, object_key)
+    def _store_chunk(self, plan: PlannedChunk, key: str, data: bytes) -> ChunkRef:
+        object_key = chunk_object_key(key)
+        existing = self._existing_header(key, object_key)
         if existing is None:
+            encoded = codec.encode(
+                data, self._config.zstd_level, plan.element_size, plan.element_offset
+            )
             self._store.put(object_key, encoded.data)
-            codec_name, stored_length, uploaded = encoded.codec, len(encoded.data), True
+            codec_name, transform = encoded.codec, encoded.transform
+            stored_length, uploaded = len(encoded.data), True
         else:
-            (codec_name, stored_length), uploaded = existing, False
+            self._store.touch(object_key)
+            (codec_name, transform, stored_length), uploaded = existing, False
         with self._lock:
             self._progress.add_chunk(len(data), stored_length, uploaded)
-        return ChunkRef(offset, len(data), encoded.key, stored_length, codec_name)
+        return ChunkRef(plan.start, len(data), key, stored_length, codec_name, transform)
 
-    def _existing_header(self, key: str, object_key: str) -> tuple[str, int] | None:
-        """Return (codec, stored length) of a chunk already in the store."""
+    def _existing_header(self, key: str, object_key: str) -> tuple[str, str, int] | None:
+        """Return (codec, transform, stored length) of a chunk already in the store."""
         size = self._store.head(object_key)
         if size is None:
             return None
         head = self._store.get_range(object_key, 0, codec.HEADER_SIZE)
         try:
             header = codec.parse_header(key, head)
+        except ChunkEncodingUnknown as exc:
+            log.info("rewriting chunk in an encoding this version knows: %s", exc)
+            return None
         except ChunkCorrupt as exc:
             log.warning("replacing damaged chunk object: %s", exc)
             return None
-        return header.codec, size
+        return header.codec, header.transform, size
 
 
 def push(
@@ -164,6 +205,9 @@ def push(
         uploader.close()
 
     manifest = Manifest(name, time.time_ns(), config.chunk_size, entries)
+    # The replaced manifest is kept for gc's grace period, so that readers
+    # that still hold it keep finding its chunks.
+    retire_manifest(store, name)
     store.put(manifest_object_key(name), to_json(manifest))
     progress.finish(name, len(entries))
     return manifest
@@ -174,12 +218,13 @@ def _push_file(uploader: _ChunkUploader, item: SourceFile, config: PushConfig) -
     futures = []
     try:
         with open(item.abspath, "rb") as file:
-            for start, end in fixed_spans(item.size, config.chunk_size):
-                data = file.read(end - start)
-                if len(data) != end - start:
+            layout = read_layout(file.fileno(), item.size)
+            for plan in plan_chunks(layout, item.size, config.chunk_size):
+                data = file.read(plan.end - plan.start)
+                if len(data) != plan.end - plan.start:
                     raise UsageError(f"source file {item.abspath!r} changed while pushing")
                 digest.update(data)
-                futures.append(uploader.submit(start, data))
+                futures.append(uploader.submit(plan, data))
             if file.read(1):
                 raise UsageError(f"source file {item.abspath!r} changed while pushing")
     except OSError as exc:
@@ -188,3 +233,42 @@ def _push_file(uploader: _ChunkUploader, item: SourceFile, config: PushConfig) -
     return FileEntry(
         item.path, item.size, item.mode, item.mtime_ns, digest.hexdigest(), chunks
     )
+
+
+# The head read first to find a file's format; a safetensors or GGUF header
+# larger than this is read in full before chunking starts.
+HEAD_BYTES = 1024 * 1024
+# A GGUF header or zip central directory past this size is taken as
+# damage, and the file is chunked as a plain file.
+MAX_HEADER_BYTES = 256 * 1024 * 1024
+
+
+def read_layout(fd: int, size: int) -> formats.Layout | None:
+    """Return the tensor layout of the open file *fd*, or None for no known format.
+
+    Reads with pread, so the file position is left where it was.
+    """
+    head = os.pread(fd, min(size, HEAD_BYTES), 0)
+    if len(head) >= 8:
+        (header_size,) = struct.unpack_from("<Q", head)
+        if len(head) < 8 + header_size <= min(size, formats.MAX_SAFETENSORS_HEADER + 8):
+            head = os.pread(fd, 8 + header_size, 0)
+    layout = formats.safetensors_layout(head, size)
+    if layout is not None:
+        return layout
+
+    while head[:4] == formats.GGUF_MAGIC:
+        layout = formats.gguf_layout(head, size)
+        if layout is not None or len(head) >= min(size, MAX_HEADER_BYTES):
+            return layout
+        head = os.pread(fd, min(size, MAX_HEADER_BYTES, 4 * len(head)), 0)
+
+    tail_start = max(0, size - 65_557)
+    tail = os.pread(fd, size - tail_start, tail_start)
+    directory_start = formats.zip_directory_start(tail, tail_start)
+    if directory_start is None:
+        return None
+    if 0 <= directory_start < tail_start and size - directory_start <= MAX_HEADER_BYTES:
+        tail_start = directory_start
+        tail = os.pread(fd, size - tail_start, tail_start)
+    return formats.zip_layout(tail, tail_start, size)

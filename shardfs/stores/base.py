@@ -5,6 +5,7 @@ Keys are relative paths such as ``models/org/m/manifest.json`` and
 threads; an implementation must be safe to call from several threads at once.
 """
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -19,6 +20,16 @@ def manifest_object_key(model: str) -> str:
 
 
 MANIFEST_SUFFIX = "/manifest.json"
+CHUNKS_PREFIX = "chunks/"
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    # Last modification (S3 LastModified, a file's mtime), in seconds
+    # since the epoch by the store's clock.
+    modified: float
 
 
 class Store(Protocol):
@@ -42,6 +53,21 @@ class Store(Protocol):
 
     def list(self, prefix: str) -> Iterator[str]:
         """Yield the keys that start with *prefix*, in no set order."""
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Yield size and modification time of the objects under *prefix*."""
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        """Return the object's size and modification time, or None if it is missing."""
+
+    def touch(self, key: str) -> None:
+        """Set the object's modification time to now, keeping its bytes.
+
+        Raises `ObjectNotFound` if it is missing.
+        """
+
+    def delete(self, key: str) -> None:
+        """Delete the object; deleting a missing object is no error."""
 
 
 def list_models(store: Store) -> list[str]:

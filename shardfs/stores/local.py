@@ -11,6 +11,7 @@ from shardfs.errors import (
     StoreError,
     StoreNotFound,
 )
+from shardfs.stores.base import ObjectInfo
 
 
 class LocalStore:
@@ -79,6 +80,36 @@ class LocalStore:
                 raise
         except OSError as exc:
             raise self._error(exc, key) from None
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            info = os.stat(self._path(key))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._error(exc, key) from None
+        return ObjectInfo(key, info.st_size, info.st_mtime)
+
+    def touch(self, key: str) -> None:
+        try:
+            os.utime(self._path(key))
+        except OSError as exc:
+            raise self._error(exc, key) from None
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._error(exc, key) from None
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        for key in self.list(prefix):
+            info = self.stat(key)
+            # A file deleted between the listing and its stat is gone.
+            if info is not None:
+                yield info
 
     def list(self, prefix: str) -> Iterator[str]:
         base = self._path(prefix.rstrip("/"))

@@ -12,6 +12,7 @@ import botocore.config
 import botocore.exceptions
 
 from shardfs.config import StoreConfig
+from shardfs.stores.base import ObjectInfo
 from shardfs.errors import (
     ObjectNotFound,
     StoreAccessDenied,
@@ -92,15 +93,8 @@ class S3Store:
             raise self._error(exc, key) from None
 
     def head(self, key: str) -> int | None:
-        try:
-            response = self._client.head_object(Bucket=self.bucket, Key=self.prefix + key)
-            return response["ContentLength"]
-        except botocore.exceptions.ClientError as exc:
-            if _code(exc) in _NOT_FOUND_CODES:
-                return None
-            raise self._error(exc, key) from None
-        except botocore.exceptions.BotoCoreError as exc:
-            raise self._error(exc, key) from None
+        info = self.stat(key)
+        return None if info is None else info.size
 
     def put(self, key: str, data: bytes) -> None:
         # One PUT is atomic in S3: readers see the old object or the new one.
@@ -112,15 +106,59 @@ class S3Store:
             raise self._error(exc, key) from None
 
     def list(self, prefix: str) -> Iterator[str]:
+        for info in self.list_info(prefix):
+            yield info.key
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
         paginator = self._client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 for item in page.get("Contents", ()):
-                    yield item["Key"][len(self.prefix) :]
+                    yield ObjectInfo(
+                        item["Key"][len(self.prefix) :],
+                        item["Size"],
+                        item["LastModified"].timestamp(),
+                    )
         except botocore.exceptions.ClientError as exc:
             raise self._error(exc, prefix) from None
         except botocore.exceptions.BotoCoreError as exc:
             raise self._error(exc, prefix) from None
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            response = self._client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+        except botocore.exceptions.ClientError as exc:
+            if _code(exc) in _NOT_FOUND_CODES:
+                return None
+            raise self._error(exc, key) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._error(exc, key) from None
+        return ObjectInfo(key, response["ContentLength"], response["LastModified"].timestamp())
+
+    def touch(self, key: str) -> None:
+        # S3 has no utime: copying an object onto itself is what renews
+        # LastModified, and it is allowed only when the metadata is replaced.
+        try:
+            self._client.copy_object(
+                Bucket=self.bucket,
+                Key=self.prefix + key,
+                CopySource={"Bucket": self.bucket, "Key": self.prefix + key},
+                MetadataDirective="REPLACE",
+                Metadata={"shardfs-touched": "1"},
+            )
+        except botocore.exceptions.ClientError as exc:
+            raise self._error(exc, key) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._error(exc, key) from None
+
+    def delete(self, key: str) -> None:
+        # S3 returns success for a delete of a missing key.
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
+        except botocore.exceptions.ClientError as exc:
+            raise self._error(exc, key) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._error(exc, key) from None
 
     def _error(self, exc: Exception, key: str) -> StoreError:
         if isinstance(exc, botocore.exceptions.NoCredentialsError):

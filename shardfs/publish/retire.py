@@ -1,0 +1,51 @@
+"""Retired manifests: the replaced or removed manifests that gc still honours.
+
+Replacing a model (a new push) or removing it (``shardfs rm``) first copies
+its manifest to ``retired/<name>/<time>-<random>.json``. Readers that
+loaded the old manifest keep reading its chunks, and `shardfs gc` keeps
+every chunk a retired manifest names until the retired copy is older than
+the grace period, then deletes the copy. The age is the object's
+modification time in the store, the same clock that dates the chunks.
+"""
+
+import os
+import time
+
+from shardfs.errors import ModelNotFound, ObjectNotFound
+from shardfs.stores.base import Store, manifest_object_key
+
+RETIRED_PREFIX = "retired/"
+
+
+def retire_manifest(store: Store, name: str) -> str | None:
+    """Copy the current manifest of *name* to a retired key and return that key.
+
+    Returns None when *name* has no manifest. The current manifest is left
+    in place: the caller replaces or deletes it.
+    """
+    try:
+        data = store.get(manifest_object_key(name))
+    except ObjectNotFound:
+        return None
+    key = f"{RETIRED_PREFIX}{name}/{time.time_ns()}-{os.urandom(4).hex()}.json"
+    store.put(key, data)
+    return key
+
+
+def retired_model_name(key: str) -> str:
+    """Return the model name of the retired manifest stored at *key*."""
+    return key[len(RETIRED_PREFIX) :].rsplit("/", 1)[0]
+
+
+def remove_model(store: Store, name: str) -> str:
+    """Remove the manifest of *name*, keeping a retired copy; return the copy's key.
+
+    Raises `ModelNotFound` when *name* has no manifest. The chunks stay
+    until `shardfs gc` finds them unnamed and past its grace period.
+    """
+    store.check()
+    retired = retire_manifest(store, name)
+    if retired is None:
+        raise ModelNotFound(name, store.url)
+    store.delete(manifest_object_key(name))
+    return retired
