@@ -9,14 +9,14 @@ import logging
 import sys
 
 from shardfs import __version__
-from shardfs.commands import ls_cmd, mount_cmd, push_cmd
+from shardfs.commands import gc_cmd, ls_cmd, mount_cmd, push_cmd, rm_cmd, verify_cmd
 from shardfs.errors import ShardfsError, UsageError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-COMMANDS = (push_cmd, mount_cmd, ls_cmd)
+COMMANDS = (push_cmd, mount_cmd, ls_cmd, verify_cmd, gc_cmd, rm_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

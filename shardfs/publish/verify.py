@@ -1,0 +1,118 @@
+"""Fetch and check every chunk of a store's models.
+
+Each distinct chunk is fetched once, however many files and models name
+it, then decoded and checked against its key (`codec.decode`). A chunk
+that is missing, damaged or of an encoding this version cannot read is
+so found before a reader meets it.
+"""
+
+import concurrent.futures
+import dataclasses
+
+from shardfs import codec
+from shardfs.errors import (
+    ChunkCorrupt,
+    ChunkEncodingUnknown,
+    ManifestInvalid,
+    ObjectNotFound,
+)
+from shardfs.manifest import Manifest, parse_manifest
+from shardfs.stores.base import Store, chunk_object_key, list_models, manifest_object_key
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a model: a bad manifest or a bad chunk."""
+
+    model: str
+    # missing, corrupt or unsupported for a chunk; manifest for the model itself
+    kind: str
+    detail: str
+    path: str = ""
+    start: int = 0
+    end: int = 0
+    key: str = ""
+
+    def describe(self) -> str:
+        if not self.key:
+            return f"{self.model}: {self.detail}"
+        return (
+            f"{self.model}/{self.path} bytes {self.start}-{self.end}: chunk {self.key} "
+            f"is {self.kind}: {self.detail}"
+        )
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    models: int = 0
+    chunks: int = 0
+    stored_bytes: int = 0
+    problems: list[Problem] = dataclasses.field(default_factory=list)
+
+    def count(self, kind: str) -> int:
+        return sum(problem.kind == kind for problem in self.problems)
+
+
+def verify_models(store: Store, names: list[str] | None = None, workers: int = 8) -> VerifyReport:
+    """Check the models *names* (every model when None or empty) in *store*.
+
+    Store failures other than a missing object propagate, because they
+    tell nothing about the chunks.
+    """
+    store.check()
+    report = VerifyReport()
+    manifests = []
+    for name in names or list_models(store):
+        manifest = _load_manifest(store, name, report)
+        if manifest is not None:
+            manifests.append(manifest)
+    report.models = len(manifests)
+
+    # Each distinct (key, length) once, with every place that names it.
+    places: dict[tuple[str, int], list[tuple[str, str, int, int]]] = {}
+    stored: dict[tuple[str, int], int] = {}
+    for manifest in manifests:
+        for entry in manifest.files:
+            for chunk in entry.chunks:
+                item = (chunk.key, chunk.length)
+                places.setdefault(item, []).append(
+                    (manifest.name, entry.path, chunk.offset, chunk.end)
+                )
+                stored[item] = chunk.stored_length
+    report.chunks = len(places)
+    report.stored_bytes = sum(stored.values())
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        outcomes = pool.map(lambda item: _check_chunk(store, *item), places)
+        for item, outcome in zip(places, outcomes):
+            if outcome is None:
+                continue
+            kind, detail = outcome
+            for model, path, start, end in places[item]:
+                report.problems.append(Problem(model, kind, detail, path, start, end, item[0]))
+    return report
+
+
+def _load_manifest(store: Store, name: str, report: VerifyReport) -> Manifest | None:
+    try:
+        return parse_manifest(name, store.get(manifest_object_key(name)))
+    except ObjectNotFound:
+        report.problems.append(Problem(name, "manifest", "model not found"))
+    except ManifestInvalid as exc:
+        report.problems.append(Problem(name, "manifest", f"manifest is invalid: {exc.reason}"))
+    return None
+
+
+def _check_chunk(store: Store, key: str, length: int) -> tuple[str, str] | None:
+    """Return None for a good chunk, else (kind, detail)."""
+    try:
+        data = store.get(chunk_object_key(key))
+    except ObjectNotFound:
+        return "missing", "object not found in the store"
+    try:
+        codec.decode(key, length, data)
+    except ChunkEncodingUnknown as exc:
+        return "unsupported", exc.reason
+    except ChunkCorrupt as exc:
+        return "corrupt", exc.reason
+    return None

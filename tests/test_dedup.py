@@ -1,0 +1,161 @@
+"""Dedup across versions of a model, counted by the chunk uploads of each push.
+
+A store wrapper records every chunk object the pusher puts, and the push
+summary line reports the same counts to the user.
+"""
+
+import json
+import re
+import struct
+
+import safetensors.torch
+import torch
+
+from conftest import run_shardfs
+from shardfs.config import PushConfig
+from shardfs.publish.push import push
+from shardfs.stores.base import CHUNKS_PREFIX
+from shardfs.stores.local import LocalStore
+
+CHUNK = 64 * 1024
+
+
+class CountingStore(LocalStore):
+    """A local store that records the chunk objects put into it."""
+
+    def __init__(self, root: str):
+        super().__init__(root)
+        self.create()
+        self.chunk_puts: list[str] = []
+
+    def put(self, key: str, data: bytes) -> None:
+        if key.startswith(CHUNKS_PREFIX):
+            self.chunk_puts.append(key.rsplit("/", 1)[1])
+        super().put(key, data)
+
+    def count_puts(self) -> list[str]:
+        """Return the chunk keys put since the last call."""
+        puts, self.chunk_puts = self.chunk_puts, []
+        return puts
+
+
+def model_tensors() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"embed": (torch.randn(256, 300, generator=generator) * 0.02).to(torch.bfloat16)}
+    for layer in range(4):
+        tensors[f"layers.{layer}.attn"] = torch.randn(100, 100, generator=generator) * 0.02
+        tensors[f"layers.{layer}.norm"] = torch.ones(100)
+    return tensors
+
+
+def save(path, tensors, metadata=None) -> None:
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+
+def tensor_span(path, name: str) -> tuple[int, int]:
+    data = path.read_bytes()
+    (size,) = struct.unpack_from("<Q", data)
+    start, end = json.loads(data[8 : 8 + size])[name]["data_offsets"]
+    return 8 + size + start, 8 + size + end
+
+
+def push_version(store, path, name: str = "org/model"):
+    return push(store, str(path), name, PushConfig(chunk_size=CHUNK, workers=4), progress_stream=_Sink())
+
+
+class _Sink:
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def test_unchanged_push_uploads_nothing(tmp_path):
+    store = CountingStore(str(tmp_path / "store"))
+    path = tmp_path / "model.safetensors"
+    save(path, model_tensors())
+    first = push_version(store, path)
+    chunks = first.files[0].chunks
+    assert len(store.count_puts()) == len(chunks)
+
+    again = push_version(store, path)
+    assert store.count_puts() == []
+    assert [chunk.key for chunk in again.files[0].chunks] == [chunk.key for chunk in chunks]
+
+
+def test_one_tensor_changed_uploads_its_chunks(tmp_path):
+    store = CountingStore(str(tmp_path / "store"))
+    path = tmp_path / "model.safetensors"
+    tensors = model_tensors()
+    save(path, tensors)
+    push_version(store, path)
+    store.count_puts()
+
+    for name in ("layers.2.attn", "embed"):
+        tensors[name] = tensors[name] + 1
+        save(path, tensors)
+        manifest = push_version(store, path)
+        start, end = tensor_span(path, name)
+        covering = {
+            chunk.key for chunk in manifest.files[0].chunks if chunk.offset < end and chunk.end > start
+        }
+        uploaded = store.count_puts()
+        assert set(uploaded) == covering, name
+        assert len(uploaded) == len(covering), name
+
+
+def test_header_growth_uploads_header_chunk(tmp_path):
+    store = CountingStore(str(tmp_path / "store"))
+    path = tmp_path / "model.safetensors"
+    tensors = model_tensors()
+    save(path, tensors)
+    before = push_version(store, path)
+    store.count_puts()
+
+    save(path, tensors, metadata={"format": "pt", "note": "fine-tuned " * 200})
+    after = push_version(store, path)
+    uploaded = store.count_puts()
+    assert uploaded == [after.files[0].chunks[0].key]
+    assert after.files[0].chunks[0].offset == 0
+    before_keys = [chunk.key for chunk in before.files[0].chunks[1:]]
+    assert [chunk.key for chunk in after.files[0].chunks[1:]] == before_keys
+
+
+def test_repeated_chunk_uploaded_once(tmp_path):
+    store = CountingStore(str(tmp_path / "store"))
+    path = tmp_path / "model.safetensors"
+    save(path, {"a": torch.zeros(100_000), "b": torch.zeros(100_000)})
+    manifest = push_version(store, path)
+    keys = [chunk.key for chunk in manifest.files[0].chunks]
+    assert len(set(keys)) < len(keys)
+    assert sorted(store.count_puts()) == sorted(set(keys))
+
+
+def summary_counts(stderr: str) -> tuple[int, int]:
+    match = re.search(r"(\d+) chunks \((\d+) already present\)", stderr)
+    assert match, stderr
+    return int(match.group(1)), int(match.group(2))
+
+
+def test_push_summary_reports_dedup(tmp_path, local_store):
+    path = tmp_path / "model.safetensors"
+    tensors = model_tensors()
+    save(path, tensors)
+    common = ("push", "--store", local_store, "--chunk-size", "64KiB", str(path), "org/model")
+
+    first = run_shardfs(*common)
+    assert first.returncode == 0, first.stderr
+    total, present = summary_counts(first.stderr)
+    assert present == 0
+
+    unchanged = run_shardfs(*common)
+    assert summary_counts(unchanged.stderr) == (total, total)
+    assert " 0 B uploaded" in unchanged.stderr
+
+    save(path, tensors, metadata={"note": "longer header"})
+    grown = run_shardfs(*common)
+    assert summary_counts(grown.stderr) == (total, total - 1)

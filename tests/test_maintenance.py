@@ -1,0 +1,349 @@
+"""``shardfs verify``, ``gc`` and ``rm`` on local and S3 stores, and the store calls they use."""
+
+import os
+import time
+
+import pytest
+import torch
+import safetensors.torch
+
+from conftest import free_port, mounted, needs_fuse, run_shardfs
+from shardfs import codec
+from shardfs.config import StoreConfig
+from shardfs.errors import ObjectNotFound
+from shardfs.manifest import parse_manifest
+from shardfs.publish.gc import collect_garbage
+from shardfs.publish.retire import RETIRED_PREFIX
+from shardfs.stores import open_store
+from shardfs.stores.base import chunk_object_key, list_models, manifest_object_key
+from shardfs.stores.local import LocalStore
+
+DAY = 86400.0
+
+
+def write_model(path, seed: int, size: int = 60_000) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        "shared": torch.arange(50_000, dtype=torch.float32),
+        "own": torch.randn(size, generator=generator),
+    }
+    safetensors.torch.save_file(tensors, str(path))
+    return path.read_bytes()
+
+
+def push(store: str, source, name: str, *extra: str) -> None:
+    result = run_shardfs("push", "--store", store, "--chunk-size", "64KiB", *extra, str(source), name)
+    assert result.returncode == 0, result.stderr
+
+
+def chunk_keys(store: LocalStore, name: str) -> set[str]:
+    manifest = parse_manifest(name, store.get(manifest_object_key(name)))
+    return {chunk.key for entry in manifest.files for chunk in entry.chunks}
+
+
+def stored_chunks(store) -> set[str]:
+    return {key.rsplit("/", 1)[1] for key in store.list("chunks/")}
+
+
+def flip_byte(path: str, position: int, mask: int) -> None:
+    with open(path, "r+b") as file:
+        data = bytearray(file.read())
+        data[position] ^= mask
+        file.seek(0)
+        file.write(data)
+
+
+def age_everything(root: str, seconds: float) -> None:
+    """Set every object of a local store back by *seconds*."""
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(directory, name)
+            info = os.stat(path)
+            os.utime(path, (info.st_atime - seconds, info.st_mtime - seconds))
+
+
+@pytest.fixture
+def two_models(tmp_path, local_store):
+    """A local store with org/a and org/b, which share one tensor's chunks."""
+    push(local_store, _model_file(tmp_path, "a", 1), "org/a")
+    push(local_store, _model_file(tmp_path, "b", 2), "org/b")
+    return LocalStore(local_store)
+
+
+def _model_file(tmp_path, name: str, seed: int):
+    directory = tmp_path / name
+    directory.mkdir(exist_ok=True)
+    path = directory / "model.safetensors"
+    write_model(path, seed)
+    return path
+
+
+def test_verify_all_good(two_models):
+    result = run_shardfs("verify", two_models.root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verified 2 models" in result.stdout
+    assert "all good" in result.stdout
+
+
+def test_verify_finds_missing_and_corrupt(two_models):
+    keys_a = sorted(chunk_keys(two_models, "org/a") - chunk_keys(two_models, "org/b"))
+    missing, corrupt = keys_a[0], keys_a[1]
+    os.unlink(os.path.join(two_models.root, chunk_object_key(missing)))
+    flip_byte(os.path.join(two_models.root, chunk_object_key(corrupt)), -1, 0xFF)
+
+    result = run_shardfs("verify", two_models.root)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    missing_lines = [line for line in lines if missing in line]
+    corrupt_lines = [line for line in lines if corrupt in line]
+    assert len(missing_lines) == 1
+    assert missing_lines[0].startswith("org/a/model.safetensors bytes ")
+    assert "is missing" in missing_lines[0]
+    assert len(corrupt_lines) == 1
+    assert "is corrupt" in corrupt_lines[0]
+    assert "1 missing, 1 corrupt" in lines[-1]
+    assert result.stderr == ""
+
+    only_b = run_shardfs("verify", two_models.root, "org/b")
+    assert only_b.returncode == 0, only_b.stdout
+    assert "verified 1 model," in only_b.stdout
+
+
+def test_verify_reports_unknown_encoding(two_models):
+    key = sorted(chunk_keys(two_models, "org/a"))[0]
+    # Byte 4 is the codec id, and every id from 200 up is undefined.
+    flip_byte(os.path.join(two_models.root, chunk_object_key(key)), 4, 200)
+    result = run_shardfs("verify", two_models.root, "org/a")
+    assert result.returncode == 1
+    assert f"chunk {key} is unsupported" in result.stdout
+    assert "upgrade shardfs" in result.stdout
+
+
+def test_verify_unknown_model(two_models):
+    result = run_shardfs("verify", two_models.root, "org/nope")
+    assert result.returncode == 1
+    assert "org/nope: model not found" in result.stdout
+
+
+def test_gc_keeps_named_and_young_chunks(two_models, tmp_path):
+    before = stored_chunks(two_models)
+    push(two_models.root, _model_file(tmp_path, "a", 3), "org/a")
+    replaced = before - chunk_keys(two_models, "org/a") - chunk_keys(two_models, "org/b")
+    assert replaced
+
+    # Within the grace period the replaced version's chunks stay.
+    result = run_shardfs("gc", two_models.root)
+    assert result.returncode == 0, result.stderr
+    assert "deleted 0 " in result.stdout
+    assert replaced <= stored_chunks(two_models)
+
+    report = collect_garbage(two_models, grace_s=DAY, now=lambda: time.time() + 0.5 * DAY)
+    assert report.deleted == 0
+    assert report.retired_kept == 1
+    assert replaced <= stored_chunks(two_models)
+
+
+def test_gc_deletes_orphans_past_grace(two_models, tmp_path):
+    before = stored_chunks(two_models)
+    push(two_models.root, _model_file(tmp_path, "a", 3), "org/a")
+    named = chunk_keys(two_models, "org/a") | chunk_keys(two_models, "org/b")
+    orphans = before - named
+
+    report = collect_garbage(two_models, grace_s=DAY, now=lambda: time.time() + 1.5 * DAY)
+    assert report.deleted == len(orphans)
+    assert report.retired_deleted == 1
+    assert stored_chunks(two_models) == named
+    assert list(two_models.list(RETIRED_PREFIX)) == []
+    assert run_shardfs("verify", two_models.root).returncode == 0
+
+
+def test_gc_dry_run_and_zero_grace(two_models):
+    assert run_shardfs("rm", two_models.root, "org/a").returncode == 0
+    orphans = stored_chunks(two_models) - chunk_keys(two_models, "org/b")
+
+    dry = run_shardfs("gc", "--grace", "0", "--dry-run", two_models.root)
+    assert dry.returncode == 0, dry.stderr
+    assert f"would delete {len(orphans)} " in dry.stdout
+    assert orphans <= stored_chunks(two_models)
+
+    real = run_shardfs("gc", "--grace", "0", two_models.root)
+    assert real.returncode == 0, real.stderr
+    assert f"deleted {len(orphans)} " in real.stdout
+    assert stored_chunks(two_models) == chunk_keys(two_models, "org/b")
+    assert run_shardfs("verify", two_models.root).returncode == 0
+
+
+def test_gc_keeps_chunk_renewed_during_run(two_models):
+    """A chunk a push reuses after gc listed it is kept."""
+    assert run_shardfs("rm", two_models.root, "org/a").returncode == 0
+    age_everything(two_models.root, 2 * DAY)
+    orphans = stored_chunks(two_models) - chunk_keys(two_models, "org/b")
+
+    class RenewingStore(LocalStore):
+        # A concurrent push touches each chunk just before gc reads its age again.
+        def stat(self, key):
+            if key.startswith("chunks/"):
+                self.touch(key)
+            return super().stat(key)
+
+    report = collect_garbage(RenewingStore(two_models.root), grace_s=DAY)
+    assert report.deleted == 0
+    assert report.kept_young == len(orphans)
+    assert orphans <= stored_chunks(two_models)
+
+
+def test_push_renews_reused_chunks(two_models, tmp_path):
+    age_everything(two_models.root, 2 * DAY)
+    push(two_models.root, tmp_path / "a" / "model.safetensors", "org/c")
+    now = time.time()
+    for key in chunk_keys(two_models, "org/c"):
+        assert now - two_models.stat(chunk_object_key(key)).modified < 600
+
+
+def test_gc_stops_on_invalid_manifest(two_models):
+    assert run_shardfs("rm", two_models.root, "org/a").returncode == 0
+    count = len(stored_chunks(two_models))
+    two_models.put(manifest_object_key("org/b"), b"{not json")
+    result = run_shardfs("gc", "--grace", "0", two_models.root)
+    assert result.returncode == 1
+    assert "gc stopped before deleting anything" in result.stderr
+    assert "org/b" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(stored_chunks(two_models)) == count
+
+
+def test_gc_leaves_unknown_objects(two_models):
+    two_models.put("chunks/zz/notes.txt", b"operator notes")
+    collect_garbage(two_models, grace_s=0)
+    assert two_models.stat("chunks/zz/notes.txt") is not None
+
+
+def test_rm_removes_manifest(two_models):
+    result = run_shardfs("rm", two_models.root, "org/a")
+    assert result.returncode == 0, result.stderr
+    assert "removed org/a" in result.stdout
+    assert list_models(two_models) == ["org/b"]
+    retired = list(two_models.list(RETIRED_PREFIX))
+    assert len(retired) == 1
+    assert retired[0].startswith("retired/org/a/")
+
+    again = run_shardfs("rm", two_models.root, "org/a")
+    assert again.returncode == 1
+    assert again.stderr.strip() == (
+        f"shardfs: error: model 'org/a' not found in store {two_models.root}"
+    )
+
+
+@pytest.mark.parametrize(
+    "args, status, message",
+    [
+        (("gc", "--grace", "soon"), 2, "invalid duration 'soon'"),
+        (("gc", "--grace=-1h"), 2, "invalid duration '-1h'"),
+        (("rm", "org//a"), 2, "invalid model name 'org//a'"),
+        (("rm", "../a"), 2, "invalid model name '../a'"),
+    ],
+)
+def test_maintenance_bad_arguments(two_models, args, status, message):
+    command, *rest = args
+    if command == "rm":
+        result = run_shardfs(command, two_models.root, *rest)
+    else:
+        result = run_shardfs(command, *rest, two_models.root)
+    assert result.returncode == status
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [("verify",), ("gc",), ("rm", "org/a")])
+def test_maintenance_missing_store(tmp_path, command):
+    missing = str(tmp_path / "nowhere")
+    result = run_shardfs(command[0], missing, *command[1:])
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"shardfs: error: store not found: {missing} (no such directory)"
+
+
+def test_maintenance_unreachable_s3():
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    result = run_shardfs("verify", "--endpoint-url", endpoint, "s3://bucket/root", timeout=120)
+    assert result.returncode == 1
+    assert "unreachable" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_s3_verify_gc_rm(tmp_path, s3_store, moto_endpoint, s3_client):
+    options = ("--endpoint-url", moto_endpoint)
+    push(s3_store, _model_file(tmp_path, "a", 1), "org/a", *options)
+    push(s3_store, _model_file(tmp_path, "b", 2), "org/b", *options)
+    store = open_store(StoreConfig(s3_store, endpoint_url=moto_endpoint))
+    keys_a = chunk_keys(store, "org/a") - chunk_keys(store, "org/b")
+
+    assert run_shardfs("verify", *options, s3_store).returncode == 0
+    bucket, prefix = s3_store[len("s3://") :].split("/", 1)
+    missing = sorted(keys_a)[0]
+    s3_client.delete_object(Bucket=bucket, Key=f"{prefix}/{chunk_object_key(missing)}")
+    result = run_shardfs("verify", *options, s3_store)
+    assert result.returncode == 1
+    assert f"chunk {missing} is missing" in result.stdout
+
+    assert run_shardfs("rm", *options, s3_store, "org/a").returncode == 0
+    kept = run_shardfs("gc", *options, s3_store)
+    assert kept.returncode == 0, kept.stderr
+    assert "deleted 0 " in kept.stdout
+    deleted = run_shardfs("gc", "--grace", "0", *options, s3_store)
+    assert deleted.returncode == 0, deleted.stderr
+    assert f"deleted {len(keys_a) - 1} " in deleted.stdout
+    assert stored_chunks(store) == chunk_keys(store, "org/b")
+    assert run_shardfs("verify", *options, s3_store).returncode == 0
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_store(request, tmp_path):
+    if request.param == "local":
+        store = LocalStore(str(tmp_path / "store"))
+        store.create()
+        return store
+    endpoint = request.getfixturevalue("moto_endpoint")
+    url = request.getfixturevalue("s3_store")
+    return open_store(StoreConfig(url, endpoint_url=endpoint))
+
+
+def test_store_stat_touch_delete(any_store):
+    key = "chunks/ab/ab" + "0" * 30
+    assert any_store.stat(key) is None
+    any_store.put(key, b"12345")
+    info = any_store.stat(key)
+    assert info.size == 5
+    assert abs(info.modified - time.time()) < 300
+    listed = list(any_store.list_info("chunks/"))
+    assert [(item.key, item.size) for item in listed] == [(key, 5)]
+
+    time.sleep(1.1)
+    any_store.touch(key)
+    assert any_store.stat(key).modified > info.modified
+    assert any_store.get(key) == b"12345"
+
+    any_store.delete(key)
+    assert any_store.stat(key) is None
+    any_store.delete(key)
+    with pytest.raises(ObjectNotFound):
+        any_store.touch(key)
+
+
+@needs_fuse
+def test_open_reader_survives_replace_and_gc(tmp_path, local_store):
+    source = tmp_path / "v1" / "model.safetensors"
+    source.parent.mkdir()
+    original = write_model(source, 1, size=200_000)
+    push(local_store, source, "org/m")
+
+    mountpoint = str(tmp_path / "mnt")
+    with mounted(local_store, mountpoint, "--no-prefetch"):
+        with open(os.path.join(mountpoint, "org/m/model.safetensors"), "rb") as reader:
+            replacement = tmp_path / "v2" / "model.safetensors"
+            replacement.parent.mkdir()
+            write_model(replacement, 2, size=200_000)
+            push(local_store, replacement, "org/m")
+            result = run_shardfs("gc", local_store)
+            assert result.returncode == 0, result.stderr
+            assert "deleted 0 " in result.stdout
+            assert reader.read() == original
