@@ -33,8 +33,10 @@ Encodings, as (codec, transform) pairs:
 """
 
 import dataclasses
+import io
 import struct
 import threading
+from collections.abc import Iterator
 
 import numpy
 import xxhash
@@ -72,8 +74,12 @@ TRANSFORMS = {
 }
 _TRANSFORMS_BY_ID = {item.id: item for item in TRANSFORMS.values()}
 
-# Element sizes the grouping transforms handle.
-GROUPED_ELEMENT_SIZES = (2, 4)
+# The grouping transform the encoder uses for each element size. Rotating
+# a 2-byte element saves about 1% of the stored size of bf16 weights. On a
+# 4-byte element it saves about 0.3% (fp32 MiniLM) but adds a tenth to the
+# decode time, so fp32 is grouped without it. Measured with
+# scripts/compression_bench.py.
+GROUPING_FOR_SIZE = {2: "rotl1-bytegroup2", 4: "bytegroup4"}
 
 
 def is_valid_encoding(codec_name: str, transform_name: str) -> bool:
@@ -95,9 +101,9 @@ _STREAM_PADDING = bytes(3)
 # that zstd level 3 finds in it cost more than they save. On bf16 normal
 # weights level 3 stores 0.42 of the stream, where the byte entropy is 0.335.
 # With a 64-entry hash table and matches of 7 bytes or more, almost every
-# byte is left to zstd's Huffman literal coder, which stores 0.340, encodes
-# at about 500 MB/s and decodes at about 1 GB/s per core (measured with
-# scripts/compression_bench.py). Long runs, such as zero padding, still
+# byte is left to zstd's Huffman literal coder, which stores 0.340. It
+# encodes at about 500 MB/s and decodes at about 1 GB/s on one core of a
+# 2-core Xeon VM (zstandard 0.25). Long runs, such as zero padding, still
 # match. A 128 KiB window keeps zstd's full block size.
 _STREAM_PARAMS = zstandard.ZstdCompressionParameters(
     strategy=zstandard.STRATEGY_FAST,
@@ -119,8 +125,8 @@ MIN_GROUPED_LENGTH = 4096
 # the format does not give it.
 SAMPLE_LENGTH = 1 << 20
 
-# Elements decoded per step, so that the interleaved block and the scratch
-# buffer stay in the CPU's L2 cache while they are rotated.
+# Elements rebuilt per step, so that a block and its scratch buffer stay in
+# the CPU's L2 cache between the passes over them.
 _DECODE_BLOCK_ELEMENTS = 1 << 17
 
 _UNSIGNED = {2: numpy.dtype("<u2"), 4: numpy.dtype("<u4")}
@@ -164,7 +170,7 @@ def encode(
     size = _grouping_size(data, element_size, element_offset)
     if size is not None:
         candidates.append(
-            encode_as(data, "split", f"rotl1-bytegroup{size}", element_offset=element_offset)
+            encode_as(data, "split", GROUPING_FOR_SIZE[size], element_offset=element_offset)
         )
     # min keeps the first of equal sizes, and raw comes first.
     return min(candidates, key=lambda candidate: len(candidate.data))
@@ -173,15 +179,15 @@ def encode(
 def _grouping_size(data, element_size: int | None, element_offset: int) -> int | None:
     if len(data) < MIN_GROUPED_LENGTH or element_size == 1:
         return None
-    if element_size in GROUPED_ELEMENT_SIZES:
+    if element_size in GROUPING_FOR_SIZE:
         return element_size
     # A sample from the middle, starting on an element boundary of either size.
     middle = max(0, len(data) // 2 - SAMPLE_LENGTH // 2)
     start = middle + (element_offset - middle) % 4
     sample = memoryview(data)[start : start + SAMPLE_LENGTH]
     stored = {
-        size: len(encode_as(sample, "split", f"rotl1-bytegroup{size}").data)
-        for size in GROUPED_ELEMENT_SIZES
+        size: len(encode_as(sample, "split", transform).data)
+        for size, transform in GROUPING_FOR_SIZE.items()
     }
     return min(stored, key=stored.get)
 
@@ -317,12 +323,33 @@ def _decode_split(key: str, payload: memoryview, transform: Transform, length: i
     if position + tail != len(payload):
         raise ChunkCorrupt(key, "stream lengths do not add up to the payload length")
 
-    output = numpy.empty(length, dtype=numpy.uint8)
-    output[:prefix] = numpy.frombuffer(payload[table_size : table_size + prefix], numpy.uint8)
-    body = output[prefix : prefix + count * size].reshape(count, size)
-    _ungroup(body, streams, transform)
-    output[length - tail :] = numpy.frombuffer(payload[position:], numpy.uint8)
-    return output.tobytes()
+    return _join_blocks(
+        length,
+        payload[table_size : table_size + prefix],
+        regroup(streams, transform, count),
+        payload[position:],
+    )
+
+
+def _join_blocks(length: int, prefix, blocks, tail) -> bytes:
+    """Return prefix, blocks and tail as one bytes object of *length* bytes.
+
+    Each chunk-sized buffer costs a page fault per page on first write,
+    which is most of the decode time where the daemon fixes glibc's mmap
+    threshold, so the output is written once, in place. A BytesIO sized up
+    front is that buffer: CPython's getvalue returns it without a copy when
+    it is exactly full (measured on 3.11; other versions only copy more).
+    """
+    output = io.BytesIO()
+    if length:
+        output.seek(length - 1)
+        output.write(b"\0")
+        output.seek(0)
+    output.write(prefix)
+    for block in blocks:
+        output.write(block)
+    output.write(tail)
+    return output.getvalue()
 
 
 _scratch = threading.local()
@@ -372,35 +399,37 @@ class _ZstdStream:
         return self._buffer[:wanted]
 
 
-def _ungroup(body: numpy.ndarray, streams: list, transform: Transform) -> None:
-    """Rebuild the elements of *body*, a ``(count, size)`` array, from *streams*.
+def regroup(streams: list, transform: Transform, count: int) -> Iterator[numpy.ndarray]:
+    """Yield the elements rebuilt from byte *streams*, one block at a time.
 
-    Each block of elements is assembled as ``sum(stream[i] << 8 * i)`` in
-    the element's own width, which numpy runs as contiguous vector loops
-    (two to three times faster than copying each stream into a strided
-    byte column), and is then rotated back while it is still in cache.
+    Each block is assembled as ``sum(stream[i] << 8 * i)`` in the element's
+    own width, and is then rotated back while it is still in cache. numpy
+    runs these as contiguous vector loops: for 2-byte elements that is
+    about 2.5 times faster than copying each stream into a strided byte
+    column. A block is a view of a buffer that the next block reuses.
     """
-    count, size = body.shape
+    size = transform.element_size
     dtype = _UNSIGNED[size]
-    elements = body.reshape(-1).view(dtype)
-    scratch = _scratch_buffer(f"assemble{size}", dtype)
+    assembled = _scratch_buffer(f"assembled{size}", dtype)
+    part = _scratch_buffer(f"part{size}", dtype)
+    top = size - 1
     for start in range(0, count, _DECODE_BLOCK_ELEMENTS):
         end = min(start + _DECODE_BLOCK_ELEMENTS, count)
-        block = elements[start:end]
-        part = scratch[: end - start]
-        top = size - 1
+        block = assembled[: end - start]
+        shifted = part[: end - start]
         numpy.left_shift(streams[top][start:end], 8 * top, out=block, dtype=dtype, casting="unsafe")
         for index in range(1, top):
             numpy.left_shift(
-                streams[index][start:end], 8 * index, out=part, dtype=dtype, casting="unsafe"
+                streams[index][start:end], 8 * index, out=shifted, dtype=dtype, casting="unsafe"
             )
-            numpy.bitwise_or(block, part, out=block)
+            numpy.bitwise_or(block, shifted, out=block)
         numpy.bitwise_or(block, streams[0][start:end], out=block, casting="unsafe")
         if transform.rotate:
             # Rotate right by one bit: (x >> 1) | (x << (bits - 1)).
-            numpy.right_shift(block, 1, out=part)
+            numpy.right_shift(block, 1, out=shifted)
             numpy.left_shift(block, 8 * size - 1, out=block)
-            numpy.bitwise_or(block, part, out=block)
+            numpy.bitwise_or(block, shifted, out=block)
+        yield block
 
 
 def verify(key: str, expected_length: int, decoded: bytes) -> bytes:

@@ -91,7 +91,7 @@ def test_encode_round_trip_with_and_without_hint(dtype):
     [
         (torch.bfloat16, "rotl1-bytegroup2"),
         (torch.float16, "rotl1-bytegroup2"),
-        (torch.float32, "rotl1-bytegroup4"),
+        (torch.float32, "bytegroup4"),
     ],
     ids=str,
 )
@@ -106,7 +106,7 @@ def test_encode_groups_float_weights(dtype, transform):
 
 def test_encode_finds_the_element_size_of_fp32():
     data = tensor_bytes(torch.float32, 4 * 1024 * 1024)
-    assert codec.encode(data).transform == "rotl1-bytegroup4"
+    assert codec.encode(data).transform == "bytegroup4"
 
 
 def test_encode_keeps_random_data_raw():
@@ -293,9 +293,9 @@ def test_mount_decodes_every_chosen_encoding(tmp_path, local_store):
         for chunk in entry.chunks
     }
     assert ("model.safetensors", "split", "rotl1-bytegroup2") in used
-    assert ("model.safetensors", "split", "rotl1-bytegroup4") in used
+    assert ("model.safetensors", "split", "bytegroup4") in used
     assert ("model.safetensors", "zstd", "none") in used
-    assert ("checkpoint.pt", "split", "rotl1-bytegroup4") in used
+    assert ("checkpoint.pt", "split", "bytegroup4") in used
     assert ("random.bin", "raw", "none") in used
     for entry in manifest.files:
         for chunk in entry.chunks:

@@ -4,6 +4,7 @@ A store wrapper records every chunk object the pusher puts, and the push
 summary line reports the same counts to the user.
 """
 
+import io
 import json
 import re
 import struct
@@ -60,18 +61,8 @@ def tensor_span(path, name: str) -> tuple[int, int]:
 
 
 def push_version(store, path, name: str = "org/model"):
-    return push(store, str(path), name, PushConfig(chunk_size=CHUNK, workers=4), progress_stream=_Sink())
-
-
-class _Sink:
-    def write(self, text: str) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
+    config = PushConfig(chunk_size=CHUNK, workers=4)
+    return push(store, str(path), name, config, progress_stream=io.StringIO())
 
 
 def test_unchanged_push_uploads_nothing(tmp_path):
