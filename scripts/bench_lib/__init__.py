@@ -1,0 +1,1 @@
+"""Parts of the load benchmark in scripts/bench.py."""
