@@ -17,7 +17,7 @@ import time
 
 from shardfs import codec, formats
 from shardfs.config import PushConfig
-from shardfs.errors import ChunkCorrupt, ChunkEncodingUnknown, UsageError
+from shardfs.errors import ChunkCorrupt, ChunkEncodingUnknown, ObjectNotFound, UsageError
 from shardfs.manifest import (
     ChunkRef,
     FileEntry,
@@ -155,6 +155,8 @@ class _ChunkUploader:
     def _store_chunk(self, plan: PlannedChunk, key: str, data: bytes) -> ChunkRef:
         object_key = chunk_object_key(key)
         existing = self._existing_header(key, object_key)
+        if existing is not None and not self._renew(object_key):
+            existing = None
         if existing is None:
             encoded = codec.encode(
                 data, self._config.zstd_level, plan.element_size, plan.element_offset
@@ -163,11 +165,19 @@ class _ChunkUploader:
             codec_name, transform = encoded.codec, encoded.transform
             stored_length, uploaded = len(encoded.data), True
         else:
-            self._store.touch(object_key)
             (codec_name, transform, stored_length), uploaded = existing, False
         with self._lock:
             self._progress.add_chunk(len(data), stored_length, uploaded)
         return ChunkRef(plan.start, len(data), key, stored_length, codec_name, transform)
+
+    def _renew(self, object_key: str) -> bool:
+        """Renew the age of a chunk found in the store; False if it is gone since."""
+        try:
+            self._store.touch(object_key)
+        except ObjectNotFound:
+            log.info("chunk %s was deleted while pushing; uploading it again", object_key)
+            return False
+        return True
 
     def _existing_header(self, key: str, object_key: str) -> tuple[str, str, int] | None:
         """Return (codec, transform, stored length) of a chunk already in the store."""
