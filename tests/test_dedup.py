@@ -150,3 +150,22 @@ def test_push_summary_reports_dedup(tmp_path, local_store):
     save(path, tensors, metadata={"note": "longer header"})
     grown = run_shardfs(*common)
     assert summary_counts(grown.stderr) == (total, total - 1)
+
+
+def test_chunk_deleted_during_push_uploaded_again(tmp_path):
+    class VanishingStore(CountingStore):
+        # gc deletes each chunk between the push finding it and renewing it.
+        def touch(self, key: str) -> None:
+            self.delete(key)
+            super().touch(key)
+
+    store = VanishingStore(str(tmp_path / "store"))
+    path = tmp_path / "model.safetensors"
+    save(path, model_tensors())
+    first = push_version(store, path)
+    store.count_puts()
+
+    push_version(store, path)
+    assert sorted(store.count_puts()) == sorted(chunk.key for chunk in first.files[0].chunks)
+    for chunk in first.files[0].chunks:
+        assert store.stat(f"chunks/{chunk.key[:2]}/{chunk.key}") is not None
