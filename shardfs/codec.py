@@ -36,7 +36,6 @@ import dataclasses
 import io
 import struct
 import threading
-from collections.abc import Iterator
 
 import numpy
 import xxhash
@@ -323,32 +322,43 @@ def _decode_split(key: str, payload: memoryview, transform: Transform, length: i
     if position + tail != len(payload):
         raise ChunkCorrupt(key, "stream lengths do not add up to the payload length")
 
-    return _join_blocks(
+    return _write_output(
         length,
         payload[table_size : table_size + prefix],
-        regroup(streams, transform, count),
+        streams,
+        transform,
         payload[position:],
     )
 
 
-def _join_blocks(length: int, prefix, blocks, tail) -> bytes:
-    """Return prefix, blocks and tail as one bytes object of *length* bytes.
+def _write_output(length: int, prefix, streams: list, transform: Transform, tail) -> bytes:
+    """Return the decoded chunk: *prefix*, the elements rebuilt from *streams*, *tail*.
 
     Each chunk-sized buffer costs a page fault per page on first write,
-    which is most of the decode time where the daemon fixes glibc's mmap
-    threshold, so the output is written once, in place. A BytesIO sized up
-    front is that buffer: CPython's getvalue returns it without a copy when
-    it is exactly full (measured on 3.11; other versions only copy more).
+    which is a large part of the decode time where the daemon fixes glibc's
+    mmap threshold, so the elements are rebuilt straight into the one
+    output buffer. A BytesIO sized up front is that buffer: its getvalue
+    returns it without a copy when it is exactly full and no view of it is
+    left (CPython 3.11; other versions would only copy more).
     """
     output = io.BytesIO()
     if length:
         output.seek(length - 1)
         output.write(b"\0")
         output.seek(0)
-    output.write(prefix)
-    for block in blocks:
-        output.write(block)
-    output.write(tail)
+    size = transform.element_size
+    count = (length - len(prefix) - len(tail)) // size
+    view = output.getbuffer()
+    try:
+        array = numpy.frombuffer(view, dtype=numpy.uint8)
+        array[: len(prefix)] = numpy.frombuffer(prefix, dtype=numpy.uint8)
+        body = array[len(prefix) : len(prefix) + count * size].view(_UNSIGNED[size])
+        regroup_into(body, streams, transform)
+        array[length - len(tail) :] = numpy.frombuffer(tail, dtype=numpy.uint8)
+        # getvalue copies while any export of the buffer is alive.
+        del array, body
+    finally:
+        view.release()
     return output.getvalue()
 
 
@@ -381,41 +391,40 @@ class _ZstdStream:
         self._remaining = count
 
     def __getitem__(self, block: slice) -> numpy.ndarray:
-        # Blocks are requested in order, each exactly once.
-        wanted = block.stop - block.start
-        view = memoryview(self._buffer)[:wanted]
+        # The reader only moves forward, so callers request blocks in order, each once.
+        requested = block.stop - block.start
+        view = memoryview(self._buffer)[:requested]
         filled = 0
         try:
-            while filled < wanted:
+            while filled < requested:
                 got = self._reader.readinto(view[filled:])
                 if got == 0:
                     raise ChunkCorrupt(self._key, f"stream {self._index} ends early")
                 filled += got
-            self._remaining -= wanted
+            self._remaining -= requested
             if self._remaining == 0 and self._reader.read(1):
                 raise ChunkCorrupt(self._key, f"stream {self._index} is too long")
         except zstandard.ZstdError as exc:
             raise ChunkCorrupt(self._key, f"zstd failed: {exc}") from None
-        return self._buffer[:wanted]
+        return self._buffer[:requested]
 
 
-def regroup(streams: list, transform: Transform, count: int) -> Iterator[numpy.ndarray]:
-    """Yield the elements rebuilt from byte *streams*, one block at a time.
+def regroup_into(elements: numpy.ndarray, streams: list, transform: Transform) -> None:
+    """Rebuild *elements* (unsigned, of the transform's size) from byte *streams*.
 
     Each block is assembled as ``sum(stream[i] << 8 * i)`` in the element's
     own width, and is then rotated back while it is still in cache. numpy
     runs these as contiguous vector loops: for 2-byte elements that is
     about 2.5 times faster than copying each stream into a strided byte
-    column. A block is a view of a buffer that the next block reuses.
+    column.
     """
     size = transform.element_size
     dtype = _UNSIGNED[size]
-    assembled = _scratch_buffer(f"assembled{size}", dtype)
     part = _scratch_buffer(f"part{size}", dtype)
     top = size - 1
-    for start in range(0, count, _DECODE_BLOCK_ELEMENTS):
-        end = min(start + _DECODE_BLOCK_ELEMENTS, count)
-        block = assembled[: end - start]
+    for start in range(0, len(elements), _DECODE_BLOCK_ELEMENTS):
+        end = min(start + _DECODE_BLOCK_ELEMENTS, len(elements))
+        block = elements[start:end]
         shifted = part[: end - start]
         numpy.left_shift(streams[top][start:end], 8 * top, out=block, dtype=dtype, casting="unsafe")
         for index in range(1, top):
@@ -429,7 +438,6 @@ def regroup(streams: list, transform: Transform, count: int) -> Iterator[numpy.n
             numpy.right_shift(block, 1, out=shifted)
             numpy.left_shift(block, 8 * size - 1, out=block)
             numpy.bitwise_or(block, shifted, out=block)
-        yield block
 
 
 def verify(key: str, expected_length: int, decoded: bytes) -> bytes:
