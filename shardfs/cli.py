@@ -9,14 +9,23 @@ import logging
 import sys
 
 from shardfs import __version__
-from shardfs.commands import gc_cmd, ls_cmd, mount_cmd, push_cmd, rm_cmd, verify_cmd
+from shardfs.commands import (
+    gc_cmd,
+    ls_cmd,
+    mount_cmd,
+    push_cmd,
+    rm_cmd,
+    status_cmd,
+    verify_cmd,
+    warm_cmd,
+)
 from shardfs.errors import ShardfsError, UsageError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-COMMANDS = (push_cmd, mount_cmd, ls_cmd, verify_cmd, gc_cmd, rm_cmd)
+COMMANDS = (push_cmd, mount_cmd, ls_cmd, status_cmd, warm_cmd, verify_cmd, gc_cmd, rm_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(levelname)s %(name)s: %(message)s"
     )
+    # The S3 client logs every request and retry at DEBUG; shardfs logs the
+    # failures that matter itself.
+    for name in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.run(args) or 0
     except UsageError as exc:

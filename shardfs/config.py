@@ -142,9 +142,11 @@ class PrefetchConfig:
     # of data, and it stays well inside the default memory limit.
     max_chunks: int = 16
     # A stream counts as a whole-file load once it reads this far past the
-    # end of the tensor it started in. The kernel's own read-ahead reads up
-    # to read_ahead_kb past a tensor, so the margin must exceed that.
-    crossing_margin: int = 4 * MiB
+    # end of the tensor it started in. It must exceed the kernel's own
+    # read-ahead past a tensor (read_ahead_kb) and also let a random reader
+    # take the tensor right after one it read, which is common (a layer's
+    # weight, then its bias) and no sign of a whole-file load.
+    crossing_margin: int = 8 * MiB
     # Streams tracked per file: about one per loader thread or process.
     max_streams: int = 32
 
@@ -181,6 +183,8 @@ class MountConfig:
     # Seconds between re-reads of the model listing; new opens see models
     # pushed, replaced or removed since. 0 reads the listing only at start.
     refresh_interval_s: float = 60.0
+    # Address (host, port) of the Prometheus endpoint; None turns it off.
+    metrics_address: tuple[str, int] | None = None
     prefetch: PrefetchConfig = PrefetchConfig()
     retry: RetryConfig = RetryConfig()
 

@@ -178,8 +178,10 @@ def mounted(store: str, mountpoint: str, *options: str, endpoint: str | None = N
 
 
 def _wait_for_mount(mount: Mount) -> None:
+    # The daemon applies its kernel settings (read-ahead) just before it
+    # logs that it is ready, so tests start only then.
     deadline = time.monotonic() + MOUNT_TIMEOUT_S
-    while not os.path.ismount(mount.path):
+    while not os.path.ismount(mount.path) or "is ready" not in mount.log_text():
         if mount.process.poll() is not None:
             pytest.fail(f"daemon exited with {mount.process.returncode}:\n{mount.log_text()}")
         if time.monotonic() > deadline:

@@ -81,6 +81,13 @@ def add_parser(subparsers) -> None:
         help="a read fails with EIO once its data has not arrived for this "
         "long, retries included (default: 30)",
     )
+    parser.add_argument(
+        "--metrics-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, such as "
+        "127.0.0.1:9464 (default: off)",
+    )
     tuning = parser.add_argument_group("tuning")
     tuning.add_argument(
         "--no-prefetch",
@@ -148,9 +155,20 @@ def _mount_config(args) -> MountConfig:
         read_ahead_kb=args.read_ahead_kb,
         max_background=args.max_background,
         refresh_interval_s=args.refresh_interval,
+        metrics_address=parse_address(args.metrics_address),
         prefetch=PrefetchConfig(enabled=not args.no_prefetch),
         retry=RetryConfig(deadline_s=args.read_timeout),
     )
+
+
+def parse_address(text: str | None) -> tuple[str, int] | None:
+    """Parse ``HOST:PORT``; None stays None."""
+    if text is None:
+        return None
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"invalid metrics address {text!r}: expected HOST:PORT, such as 127.0.0.1:9464")
+    return host.strip("[]"), int(port)
 
 
 def run_mount(args) -> int:
@@ -174,7 +192,8 @@ def _serve_foreground(args, config: MountConfig) -> int:
         serve(store_config(args), config, on_ready)
     except ShardfsError as exc:
         if ready_pipe is not None and not ready_pipe.closed:
-            ready_pipe.write(f"{exc}\n".encode())
+            kind = "usage" if isinstance(exc, UsageError) else "failed"
+            ready_pipe.write(f"{kind} {exc}\n".encode())
         raise
     return 0
 
@@ -209,10 +228,12 @@ def _start_daemon(args, config: MountConfig) -> int:
         )
     if message == READY:
         return 0
-    reason = message.decode(errors="replace").strip()
-    if not reason:
-        reason = f"the daemon exited before the mount was ready; see {log_path}"
-    raise UsageError(reason)
+    kind, _, reason = message.decode(errors="replace").strip().partition(" ")
+    if kind == "usage":
+        raise UsageError(reason)
+    if kind == "failed":
+        raise ShardfsError(reason)
+    raise ShardfsError(f"the daemon exited before the mount was ready; see {log_path}")
 
 
 def _read_until_closed(pipe, timeout_s: float) -> bytes | None:
@@ -249,6 +270,8 @@ def _forwarded_options(args, config: MountConfig) -> list[str]:
     ]
     if args.no_prefetch:
         options.append("--no-prefetch")
+    if args.metrics_address:
+        options += ["--metrics-address", args.metrics_address]
     if args.endpoint_url:
         options += ["--endpoint-url", args.endpoint_url]
     if config.allow_other:

@@ -3,8 +3,8 @@
 from shardfs.commands import add_store_options, store_config
 from shardfs.config import PushConfig, parse_size
 from shardfs.errors import UsageError
-from shardfs.manifest import MAX_CHUNK_LENGTH
-from shardfs.publish.push import push
+from shardfs.manifest import MAX_CHUNK_LENGTH, check_model_name
+from shardfs.publish.push import collect_sources, push
 from shardfs.stores import LocalStore, open_store
 
 MIN_CHUNK_SIZE = 64 * 1024
@@ -27,6 +27,15 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
+def check_push_input(source: str, name: str) -> None:
+    """Raise `UsageError` for an invalid model name or an unreadable source."""
+    try:
+        check_model_name(name)
+    except ValueError as exc:
+        raise UsageError(f"invalid model name {name!r}: {exc}") from None
+    collect_sources(source)
+
+
 def run(args) -> int:
     chunk_size = parse_size(args.chunk_size)
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_LENGTH:
@@ -36,6 +45,8 @@ def run(args) -> int:
         )
     store = open_store(store_config(args))
     if isinstance(store, LocalStore):
+        # Check the input first, so a failed push leaves no new directory.
+        check_push_input(args.source, args.name)
         store.create()
     push(store, args.source, args.name, PushConfig(chunk_size=chunk_size))
     return 0

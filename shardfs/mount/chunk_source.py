@@ -21,6 +21,7 @@ from shardfs.errors import ChunkCorrupt, ChunkUnavailable, StoreUnavailable
 from shardfs.manifest import ChunkRef
 from shardfs.mount.disk_cache import DiskCache
 from shardfs.mount.memory_cache import MemoryCache
+from shardfs.mount.metrics import Histogram
 from shardfs.mount.priority import DEMAND, PREFETCH, PriorityLimiter, Ticket
 from shardfs.stores.base import Store, chunk_object_key
 
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 # dropped connections and timeouts (all StoreUnavailable), and bytes damaged
 # in transit, which fail verification.
 TRANSIENT_ERRORS = (StoreUnavailable, ChunkCorrupt)
+# Damage that survives a second fetch is in the stored object itself, and
+# waiting out the deadline would not repair it.
+MAX_CORRUPT_ATTEMPTS = 2
 
 
 @dataclasses.dataclass
@@ -82,7 +86,9 @@ class ChunkSource:
         # Chunks fetched but not yet written to the disk cache: still served
         # from here, so a chunk just evicted from memory is not fetched twice.
         self._pending_writes: dict[str, bytes] = {}
+        self._written: dict[str, trio.Event] = {}
         self.stats = ChunkSourceStats()
+        self.fetch_latency = Histogram()
 
     def start(self, nursery: trio.Nursery) -> None:
         """Run background work (cache writes, prefetch) in *nursery*."""
@@ -93,6 +99,25 @@ class ChunkSource:
         if key in self.memory or key in self._flights or key in self._pending_writes:
             return True
         return self.disk is not None and key in self.disk
+
+    def is_cached(self, key: str) -> bool:
+        """Whether *key* is in memory or in the disk cache."""
+        return key in self.memory or self.disk_holds(key)
+
+    def disk_holds(self, key: str) -> bool:
+        return self.disk is not None and key in self.disk
+
+    async def ensure_on_disk(self, chunk: ChunkRef, priority: int = PREFETCH) -> None:
+        """Fetch *chunk* if needed and return once the disk cache holds it."""
+        if self.disk_holds(chunk.key):
+            return
+        data = await self.get(chunk, priority)
+        written = self._written.get(chunk.key)
+        if written is not None:
+            await written.wait()
+        if not self.disk_holds(chunk.key):
+            async with self._disk_io:
+                await trio.to_thread.run_sync(self.disk.write, chunk.key, data)
 
     def can_prefetch(self, length: int) -> bool:
         """Whether a prefetch of *length* bytes fits the memory it may use.
@@ -213,6 +238,7 @@ class ChunkSource:
         data = await self._fetch(chunk, flight.ticket)
         if self.disk is not None and self.disk.can_hold(chunk.length) and self._nursery:
             self._pending_writes[chunk.key] = data
+            self._written[chunk.key] = trio.Event()
             self._nursery.start_soon(self._write_to_disk, chunk.key, data)
         return data
 
@@ -222,6 +248,7 @@ class ChunkSource:
                 await trio.to_thread.run_sync(self.disk.write, key, data)
         finally:
             del self._pending_writes[key]
+            self._written.pop(key).set()
 
     async def _fetch(self, chunk: ChunkRef, ticket: Ticket) -> bytes:
         """Fetch and decode *chunk*, retrying transient failures until the deadline.
@@ -234,6 +261,7 @@ class ChunkSource:
         deadline = started + self._retry.deadline_s
         last_error: BaseException | None = None
         attempt = 0
+        corrupt = 0
         while True:
             attempt += 1
             try:
@@ -245,19 +273,20 @@ class ChunkSource:
                 ) from None
             except TRANSIENT_ERRORS as exc:
                 last_error = exc
-                self.stats.retries += 1
+                corrupt += isinstance(exc, ChunkCorrupt)
                 delay = backoff_delay(self._retry, attempt)
-                if trio.current_time() + delay >= deadline:
+                out_of_time = trio.current_time() + delay >= deadline
+                if out_of_time or corrupt >= MAX_CORRUPT_ATTEMPTS:
                     raise ChunkUnavailable(
                         chunk.key, attempt, trio.current_time() - started, exc
                     ) from None
-                level = logging.INFO if attempt == 1 else logging.WARNING
-                log.log(level, "retrying chunk %s in %.2f s, attempt %d failed: %s",
-                        chunk.key, delay, attempt, exc)
+                self.stats.retries += 1
+                _log_retry(chunk.key, attempt, delay, exc)
                 await trio.sleep(delay)
 
     async def _fetch_once(self, chunk: ChunkRef, ticket: Ticket) -> bytes:
         await self.connections.acquire(ticket)
+        started = trio.current_time()
         try:
             # A hung request is abandoned at the deadline; its thread ends
             # when the store client's own socket timeout fires.
@@ -266,9 +295,10 @@ class ChunkSource:
             )
         finally:
             self.connections.release()
+            self.fetch_latency.observe(trio.current_time() - started)
         self.stats.chunks_fetched += 1
         self.stats.bytes_fetched += len(stored)
-        if ticket.priority == PREFETCH:
+        if ticket.started_as == PREFETCH:
             self.stats.prefetch_fetches += 1
         try:
             async with self._decoders:
@@ -280,6 +310,18 @@ class ChunkSource:
             raise
         self.stats.bytes_decoded += len(data)
         return data
+
+
+def _log_retry(key: str, attempt: int, delay: float, exc: Exception) -> None:
+    # The first retry is routine; later ones are logged as warnings, at
+    # attempts 2, 4, 8 and so on, so a long outage writes a few lines.
+    if attempt == 1:
+        level = logging.INFO
+    elif attempt & (attempt - 1) == 0:
+        level = logging.WARNING
+    else:
+        level = logging.DEBUG
+    log.log(level, "retrying chunk %s in %.2f s, attempt %d failed: %s", key, delay, attempt, exc)
 
 
 def backoff_delay(config: RetryConfig, attempt: int) -> float:

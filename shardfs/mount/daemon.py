@@ -5,7 +5,6 @@
 answers a stat, it reports readiness through the optional *on_ready* call.
 """
 
-import dataclasses
 import errno
 import faulthandler
 import json
@@ -21,6 +20,7 @@ import trio
 from shardfs.config import MountConfig, StoreConfig
 from shardfs.errors import StoreError, StoreUnavailable, UsageError
 from shardfs.mount.chunk_source import ChunkSource
+from shardfs.mount.control import ControlServer
 from shardfs.mount.disk_cache import DiskCache
 from shardfs.mount.fsops import Operations
 from shardfs.mount.kernel import tune_mount
@@ -87,11 +87,18 @@ def _clear_stale_mount(path: str) -> None:
 
 
 def load_listing(store: Store, copy: ManifestCopy) -> dict[str, bytes]:
-    """Return the raw manifests of the store, or the last good copy if it is down."""
+    """Return the raw manifests of the store, or the last good copy if it is down.
+
+    With no copy (a mount that never reached the store), an unreachable
+    store is an error: there is nothing to serve, and under systemd the
+    unit's restart tries again.
+    """
     try:
         store.check()
         manifests = fetch_manifests(store)
     except StoreUnavailable as exc:
+        if not copy.exists():
+            raise
         manifests = copy.load()
         log.warning(
             "store is unreachable, serving %d models from the last listing: %s",
@@ -168,51 +175,62 @@ def serve(store_config: StoreConfig, config: MountConfig, on_ready=None) -> None
 
     log.info("mounted %s at %s", store.url, config.mountpoint)
     stats_path = os.path.join(config.cache_dir, "stats.json")
+    control = ControlServer(
+        config.mountpoint, operations, chunks, tree, store_config.max_connections
+    )
     try:
         refresher = Refresher(store, copy, tree, listing, config.refresh_interval_s)
-        trio.run(_run_session, config, operations, chunks, refresher, stats_path, on_ready)
+        trio.run(_run_session, config, chunks, refresher, control, stats_path, on_ready)
     finally:
         pyfuse3.close(unmount=True)
-        write_stats(stats_path, operations, chunks)
+        write_stats(stats_path, control)
+        _unlink_quietly(control.path)
     log.info("unmounted %s", config.mountpoint)
 
 
-def collect_stats(operations: Operations, chunks: ChunkSource) -> dict:
-    stats = dataclasses.asdict(chunks.stats)
-    stats["reads"] = operations.reads
-    stats["bytes_read"] = operations.bytes_read
-    stats["memory_bytes"] = chunks.memory.size_bytes
-    stats["disk_cache_bytes"] = chunks.disk.size_bytes if chunks.disk else 0
-    return stats
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
-def write_stats(path: str, operations: Operations, chunks: ChunkSource) -> None:
+def write_stats(path: str, control: ControlServer) -> None:
     """Write the daemon's counters to *path* as JSON, replacing it atomically."""
     temp_path = f"{path}.tmp"
     try:
         with open(temp_path, "w") as file:
-            json.dump(collect_stats(operations, chunks), file, indent=1, sort_keys=True)
+            json.dump(control.figures(), file, indent=1, sort_keys=True)
         os.replace(temp_path, path)
     except OSError as exc:
         log.warning("cannot write statistics to %s: %s", path, exc)
 
 
-async def _run_session(config, operations, chunks, refresher, stats_path, on_ready) -> None:
+async def _run_session(config, chunks, refresher, control, stats_path, on_ready) -> None:
     async with trio.open_nursery() as nursery:
         chunks.start(nursery)
-        nursery.start_soon(refresher.run)
-        nursery.start_soon(_handle_signals, operations, chunks, stats_path)
+        nursery.start_soon(_guarded, "listing refresh", refresher.run)
+        nursery.start_soon(_guarded, "control channel", control.serve, config.metrics_address)
+        nursery.start_soon(_handle_signals, control, stats_path)
         nursery.start_soon(_report_ready, config, on_ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-async def _handle_signals(operations, chunks, stats_path) -> None:
+async def _guarded(name: str, function, *args) -> None:
+    """Run a background service of the mount; its failure must not end the mount."""
+    try:
+        await function(*args)
+    except Exception:
+        log.exception("%s failed and is stopped; the mount keeps serving reads", name)
+
+
+async def _handle_signals(control, stats_path) -> None:
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
     with trio.open_signal_receiver(*signals) as received:
         async for signum in received:
             if signum == signal.SIGUSR1:
-                await trio.to_thread.run_sync(write_stats, stats_path, operations, chunks)
+                await trio.to_thread.run_sync(write_stats, stats_path, control)
                 continue
             log.info("received %s, unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()

@@ -11,6 +11,7 @@ import functools
 import itertools
 import logging
 import os
+import time
 
 import pyfuse3
 import trio
@@ -19,6 +20,7 @@ from shardfs.config import MountConfig
 from shardfs.errors import ReadFailed, ShardfsError, errno_for
 from shardfs.layout import slices_for_range
 from shardfs.mount.chunk_source import ChunkSource
+from shardfs.mount.metrics import Histogram
 from shardfs.mount.prefetch import Prefetcher
 from shardfs.mount.tree import Node, Tree
 
@@ -28,6 +30,35 @@ log = logging.getLogger(__name__)
 # units, but tools size their buffers by st_blksize, and 128 KiB is the
 # kernel's default FUSE read size.
 BLOCK_SIZE = 128 * 1024
+
+
+class _ErrorLog:
+    """Rate limit for error lines: one per failing chunk (or cause) a minute.
+
+    The kernel retries a failed read page by page, and a reader may retry in
+    a loop, so one broken chunk would otherwise write a line per request.
+    """
+
+    INTERVAL_S = 60.0
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self.suppressed = 0
+
+    def should_log(self, exc: Exception) -> bool:
+        cause = getattr(exc, "cause", None) or exc
+        key = getattr(cause, "key", None) or str(cause)
+        now = time.monotonic()
+        if now - self._last.get(key, -self.INTERVAL_S) < self.INTERVAL_S:
+            self.suppressed += 1
+            return False
+        if len(self._last) > 10_000:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
+_error_log = _ErrorLog()
 
 
 def _fuse_errors(handler):
@@ -41,7 +72,8 @@ def _fuse_errors(handler):
             raise
         except ShardfsError as exc:
             code = errno_for(exc)
-            log.error("%s failed with %s: %s", handler.__name__, errno.errorcode[code], exc)
+            if _error_log.should_log(exc):
+                log.error("%s failed with %s: %s", handler.__name__, errno.errorcode[code], exc)
             raise pyfuse3.FUSEError(code) from None
         except Exception:
             log.exception("%s failed with an unexpected error", handler.__name__)
@@ -75,6 +107,8 @@ class Operations(pyfuse3.Operations):
         self._prefetcher = prefetcher
         self.reads = 0
         self.bytes_read = 0
+        self.read_errors = 0
+        self.read_latency = Histogram()
         self._config = config
         self._handles: dict[int, Node] = {}
         self._handle_ids = itertools.count(1)
@@ -158,12 +192,16 @@ class Operations(pyfuse3.Operations):
         if node is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         self.reads += 1
+        started = trio.current_time()
         if self._prefetcher is not None:
             self._prefetcher.on_read(node.inode, node.entry, node.offsets, off, off + size)
         try:
             data = await self._read_range(node, off, off + size)
         except ShardfsError as exc:
+            self.read_errors += 1
             raise ReadFailed(node.model, node.entry.path, off, off + size, exc) from exc
+        finally:
+            self.read_latency.observe(trio.current_time() - started)
         self.bytes_read += len(data)
         return data
 
@@ -174,14 +212,22 @@ class Operations(pyfuse3.Operations):
             return await self._chunks.read(piece.chunk, piece.start, piece.end)
 
         parts: list[bytes] = [b""] * len(slices)
+        errors: list[ShardfsError] = []
 
         async def fetch(index: int) -> None:
             piece = slices[index]
-            parts[index] = await self._chunks.read(piece.chunk, piece.start, piece.end)
+            try:
+                parts[index] = await self._chunks.read(piece.chunk, piece.start, piece.end)
+            except ShardfsError as exc:
+                # Kept apart so the reader's error is the chunk's own, not
+                # an exception group of the nursery.
+                errors.append(exc)
 
         async with trio.open_nursery() as nursery:
             for index in range(len(slices)):
                 nursery.start_soon(fetch, index)
+        if errors:
+            raise errors[0]
         return b"".join(parts)
 
     @_fuse_errors

@@ -58,6 +58,9 @@ class ManifestCopy:
             shutil.rmtree(temp_dir, ignore_errors=True)
             log.warning("cannot keep a copy of the model listing: %s", exc)
 
+    def exists(self) -> bool:
+        return os.path.isdir(self.directory)
+
     def load(self) -> dict[str, bytes]:
         manifests = {}
         for directory, _, files in os.walk(self.directory):

@@ -72,23 +72,36 @@ class ReadAhead:
         stream = self._match_stream(first)
 
         if stream is None:
-            stream = _Stream(last, 0, self._span_end(start))
+            # The kernel reads from a little before a faulting page, so a
+            # reader's first read often starts in the span before the one
+            # it is after; the span holding the read's end is the one.
+            stream = _Stream(last, 0, self._span_end(min(end, self._size) - 1))
             self._remember(last, stream)
         elif last > stream.last_chunk:
             del self._streams[stream.last_chunk]
             stream.last_chunk = last
-            if stream.window == 0:
-                stream.window = self._config.initial_chunks
-            else:
-                stream.window = min(stream.window * 2, self._config.max_chunks)
             if end >= stream.unit_end + self._config.crossing_margin:
                 stream.crossed = True
+            # Inside its first span a stream needs no window (the rest of
+            # the span is fetched anyway), so the window starts small when
+            # the stream leaves it and grows only as the stream goes on.
+            if stream.crossed or not self.spans:
+                if stream.window == 0:
+                    stream.window = self._config.initial_chunks
+                else:
+                    stream.window = min(stream.window * 2, self._config.max_chunks)
             self._remember(last, stream)
 
-        # The rest of the span being read: the reader will read it all.
-        limit = self._chunk_of(self._span_end(start) - 1) if self.spans else last
-        if stream.crossed or not self.spans:
-            limit = max(limit, last + stream.window)
+        if not self.spans:
+            limit = last + stream.window
+        elif not stream.crossed:
+            # The rest of the span the stream started in: the reader will
+            # read it all. Kernel read-ahead that runs into the next span
+            # is not taken as a reader starting on it.
+            limit = self._chunk_of(stream.unit_end - 1)
+        else:
+            span_end = self._span_end(min(end, self._size) - 1)
+            limit = max(self._chunk_of(span_end - 1), last + stream.window)
         limit = min(limit, last + self._config.max_chunks, len(self._chunk_starts) - 1)
         return range(last + 1, limit + 1)
 

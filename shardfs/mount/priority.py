@@ -19,6 +19,8 @@ class Ticket:
 
     def __init__(self, priority: int):
         self.priority = priority
+        # The priority the request was made with, before any raise.
+        self.started_as = priority
         self._granted = trio.Event()
 
 

@@ -1,0 +1,35 @@
+"""``shardfs status``: what the daemon of a mount is doing."""
+
+from shardfs import control_protocol
+from shardfs.config import format_size
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("status", help="show the figures of a running mount")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import json
+
+    (reply,) = list(control_protocol.request(args.mountpoint, {"op": "status"}))
+    if args.json:
+        print(json.dumps(reply, indent=1, sort_keys=True))
+        return 0
+    print(f"mount          {reply['mountpoint']}")
+    print(f"models         {reply['models']}")
+    print(f"served         {format_size(reply['bytes_read'])} in {reply['reads']} reads, "
+          f"{reply['read_errors']} failed")
+    print(f"fetched        {format_size(reply['bytes_fetched'])} in {reply['chunks_fetched']} "
+          f"requests, {reply['fetches_in_flight']} in flight, {reply['retries']} retries")
+    print(f"cache          {format_size(reply['disk_cache_bytes'])} of "
+          f"{format_size(reply['disk_cache_limit_bytes'])} on disk, "
+          f"{format_size(reply['memory_bytes'])} in memory, "
+          f"hit ratio {reply['cache_hit_ratio']:.2f}")
+    for model in reply["model_list"]:
+        share = model["cached"] / model["size"] if model["size"] else 1.0
+        print(f"  {model['name']}\t{model['files']} files\t{format_size(model['size'])}"
+              f"\t{share:.0%} cached")
+    return 0

@@ -1,0 +1,232 @@
+"""The daemon side of the control channel: status, warm-up and metrics.
+
+`ControlServer.serve` listens on the mount's control socket (see
+`shardfs.control_protocol`) and, if configured, on a Prometheus metrics
+address. It runs in the daemon's nursery, in the trio thread, and reads the
+same objects the FUSE operations use.
+"""
+
+import functools
+import json
+import logging
+import os
+import socket
+import struct
+
+import trio
+
+from shardfs import control_protocol
+from shardfs.mount.metrics import render_prometheus
+from shardfs.mount.priority import PREFETCH
+
+log = logging.getLogger(__name__)
+
+# Warm-up progress is sent at most this often, in seconds.
+PROGRESS_INTERVAL_S = 0.2
+# Largest request line accepted on the control socket.
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+class ControlServer:
+    def __init__(self, mountpoint, operations, chunks, tree, max_connections: int):
+        self._mountpoint = mountpoint
+        self._operations = operations
+        self._chunks = chunks
+        self._tree = tree
+        self._warm_workers = max(1, max_connections)
+        self._uid = os.getuid()
+        self.path = control_protocol.socket_path(mountpoint)
+
+    def figures(self) -> dict:
+        """Return the daemon's counters and gauges, as status and metrics show them."""
+        chunks = self._chunks
+        stats = {
+            "mountpoint": self._mountpoint,
+            "models": len(self._tree.models),
+            "reads": self._operations.reads,
+            "bytes_read": self._operations.bytes_read,
+            "read_errors": self._operations.read_errors,
+            "fetches_in_flight": chunks.connections.in_use,
+            "memory_bytes": chunks.memory.size_bytes,
+            "disk_cache_bytes": chunks.disk.size_bytes if chunks.disk else 0,
+            "disk_cache_limit_bytes": chunks.disk.limit_bytes if chunks.disk else 0,
+        }
+        stats.update(vars(chunks.stats))
+        lookups = stats["memory_hits"] + stats["disk_hits"] + stats["chunks_fetched"]
+        stats["cache_hit_ratio"] = (
+            (stats["memory_hits"] + stats["disk_hits"]) / lookups if lookups else 0.0
+        )
+        return stats
+
+    def model_figures(self) -> list[dict]:
+        """Return each model's size and the share of it held in the caches."""
+        result = []
+        for name, manifest in sorted(self._tree.models.items()):
+            cached = sum(
+                chunk.length
+                for entry in manifest.files
+                for chunk in entry.chunks
+                if self._chunks.is_cached(chunk.key)
+            )
+            size = manifest.size
+            result.append(
+                {"name": name, "files": len(manifest.files), "size": size, "cached": cached}
+            )
+        return result
+
+    async def serve(self, metrics_address: tuple[str, int] | None) -> None:
+        async with trio.open_nursery() as nursery:
+            listener = await self._listen()
+            nursery.start_soon(trio.serve_listeners, self._handle, [listener])
+            if metrics_address is not None:
+                host, port = metrics_address
+                serve = functools.partial(trio.serve_tcp, self._handle_metrics, port, host=host)
+                nursery.start_soon(serve)
+                log.info("metrics at http://%s:%d/metrics", host, port)
+
+    async def _listen(self) -> trio.SocketListener:
+        directory = os.path.dirname(self.path)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(self.path)
+        os.chmod(self.path, 0o600)
+        sock.listen(16)
+        return trio.SocketListener(sock)
+
+    def _peer_allowed(self, stream: trio.SocketStream) -> bool:
+        creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+        return uid in (0, self._uid)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            if not self._peer_allowed(stream):
+                await self._send(stream, {"error": "permission denied: not root or the mount's owner"})
+                return
+            try:
+                message = json.loads(await _receive_line(stream))
+                operation = message.get("op")
+                if operation == "status":
+                    reply = self.figures()
+                    reply["model_list"] = self.model_figures()
+                    reply["done"] = True
+                    await self._send(stream, reply)
+                elif operation == "warm":
+                    await self._warm(stream, message.get("paths", []))
+                else:
+                    await self._send(stream, {"error": f"unknown request {operation!r}"})
+            except (ValueError, AttributeError, TypeError) as exc:
+                await self._send(stream, {"error": f"invalid request: {exc}"})
+            except trio.BrokenResourceError:
+                log.debug("control client went away")
+
+    async def _send(self, stream: trio.SocketStream, reply: dict) -> None:
+        await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+    async def _warm(self, stream: trio.SocketStream, paths: list[str]) -> None:
+        entries, missing = self._resolve(paths)
+        if missing:
+            await self._send(stream, {"error": f"not found under the mount: {', '.join(missing)}"})
+            return
+        if self._chunks.disk is None:
+            await self._send(stream, {"error": "the disk cache is unusable, so nothing can be warmed"})
+            return
+
+        chunks = {}
+        for entry in entries:
+            for chunk in entry.chunks:
+                chunks.setdefault(chunk.key, chunk)
+        total = sum(chunk.length for chunk in chunks.values())
+        already = sum(c.length for c in chunks.values() if self._chunks.disk_holds(c.key))
+        progress = {"total": total, "cached_before": already, "done_bytes": already, "failed": []}
+        pending = [c for c in chunks.values() if not self._chunks.disk_holds(c.key)]
+
+        async def worker(receive):
+            async for chunk in receive:
+                try:
+                    await self._chunks.ensure_on_disk(chunk, PREFETCH)
+                except Exception as exc:
+                    progress["failed"].append(f"{chunk.key}: {exc}")
+                progress["done_bytes"] += chunk.length
+
+        async with trio.open_nursery() as nursery:
+            send, receive = trio.open_memory_channel(0)
+            for _ in range(self._warm_workers):
+                nursery.start_soon(worker, receive.clone())
+            receive.close()
+            nursery.start_soon(self._report_progress, stream, progress)
+            async with send:
+                for chunk in pending:
+                    await send.send(chunk)
+            # The progress task stops once the workers are done.
+            while progress["done_bytes"] < total and not progress["failed"]:
+                await trio.sleep(PROGRESS_INTERVAL_S)
+            nursery.cancel_scope.cancel()
+        progress["done"] = True
+        progress["resident"] = all(self._chunks.disk_holds(key) for key in chunks)
+        await self._send(stream, progress)
+
+    async def _report_progress(self, stream, progress) -> None:
+        while True:
+            await self._send(stream, dict(progress))
+            await trio.sleep(PROGRESS_INTERVAL_S)
+
+    def _resolve(self, paths: list[str]):
+        """Return the file entries under the relative *paths*, and paths not found."""
+        entries, missing = [], []
+        for path in paths:
+            node = self._tree.node(1)
+            for name in (part for part in path.strip("/").split("/") if part):
+                node = self._tree.lookup(node.inode, name) if node is not None else None
+            if node is None:
+                missing.append(path)
+                continue
+            entries.extend(self._files_under(node))
+        return entries, missing
+
+    def _files_under(self, node):
+        if not node.is_dir:
+            return [node.entry]
+        files = []
+        for inode in node.children.values():
+            files.extend(self._files_under(self._tree.node(inode)))
+        return files
+
+    async def _handle_metrics(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                request = await _receive_line(stream)
+            except (ValueError, trio.BrokenResourceError):
+                return
+            if not request.startswith(b"GET /metrics"):
+                await stream.send_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                return
+            body = render_prometheus(
+                self.figures(), self._operations.read_latency, self._chunks.fetch_latency
+            ).encode()
+            header = (
+                "HTTP/1.1 200 OK\r\n"
+                "Content-Type: text/plain; version=0.0.4\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            try:
+                await stream.send_all(header.encode() + body)
+            except trio.BrokenResourceError:
+                pass
+
+
+async def _receive_line(stream: trio.SocketStream) -> bytes:
+    data = b""
+    while b"\n" not in data:
+        block = await stream.receive_some(4096)
+        if not block:
+            break
+        data += block
+        if len(data) > MAX_REQUEST_BYTES:
+            raise ValueError("request too long")
+    return data.split(b"\n", 1)[0]

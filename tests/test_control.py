@@ -1,0 +1,115 @@
+"""The control channel: status, warm-up, metrics, and who may use it."""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from conftest import free_port, mounted, needs_fuse, run_shardfs
+
+pytestmark = needs_fuse
+
+SIZE = 5 * 1024 * 1024 + 17
+
+
+@pytest.fixture
+def store_with_two_models(tmp_path, local_store):
+    contents = {}
+    for name in ("org/alpha", "org/beta"):
+        source = tmp_path / f"{name.replace('/', '-')}.bin"
+        contents[name] = os.urandom(SIZE)
+        source.write_bytes(contents[name])
+        result = run_shardfs("push", "--store", local_store, "--chunk-size", "1MiB", str(source), name)
+        assert result.returncode == 0, result.stderr
+    return local_store, contents
+
+
+def _status(mountpoint: str) -> dict:
+    result = run_shardfs("status", "--json", mountpoint)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _drop_page_cache() -> None:
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as file:
+        file.write("3\n")
+
+
+def test_status_counts_known_reads(store_with_two_models, tmp_path):
+    store, contents = store_with_two_models
+    with mounted(store, str(tmp_path / "mnt"), "--no-prefetch") as mount:
+        path = os.path.join(mount.path, "org/alpha/org-alpha.bin")
+        with open(path, "rb") as file:
+            assert file.read() == contents["org/alpha"]
+        status = _status(mount.path)
+        assert status["models"] == 2
+        assert status["bytes_read"] == SIZE
+        assert status["chunks_fetched"] == 6
+        assert status["read_errors"] == 0
+        shares = {model["name"]: model["cached"] / model["size"] for model in status["model_list"]}
+        assert shares == {"org/alpha": 1.0, "org/beta": 0.0}
+        text = run_shardfs("status", mount.path)
+        assert text.returncode == 0, text.stderr
+        assert "org/alpha" in text.stdout
+
+
+def test_warm_makes_model_resident(store_with_two_models, tmp_path):
+    store, contents = store_with_two_models
+    with mounted(store, str(tmp_path / "mnt")) as mount:
+        result = run_shardfs("warm", mount.path, "org/beta")
+        assert result.returncode == 0, result.stderr
+        assert "0 B was already cached" in result.stdout
+        before = _status(mount.path)["chunks_fetched"]
+        _drop_page_cache()
+        with open(os.path.join(mount.path, "org/beta/org-beta.bin"), "rb") as file:
+            assert file.read() == contents["org/beta"]
+        assert _status(mount.path)["chunks_fetched"] == before
+        again = run_shardfs("warm", mount.path, os.path.join(mount.path, "org/beta"))
+        assert again.returncode == 0, again.stderr
+        assert "5.0 MiB was already cached" in again.stdout
+
+
+def test_warm_unknown_model_fails(store_with_two_models, tmp_path):
+    store, _ = store_with_two_models
+    with mounted(store, str(tmp_path / "mnt")) as mount:
+        result = run_shardfs("warm", mount.path, "org/missing")
+        assert result.returncode == 2
+        assert "not found under the mount: org/missing" in result.stderr
+
+
+def test_metrics_endpoint_reports_reads(store_with_two_models, tmp_path):
+    store, contents = store_with_two_models
+    port = free_port()
+    with mounted(store, str(tmp_path / "mnt"), "--metrics-address", f"127.0.0.1:{port}") as mount:
+        with open(os.path.join(mount.path, "org/alpha/org-alpha.bin"), "rb") as file:
+            file.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+    assert f"shardfs_read_bytes_total {SIZE}" in text
+    assert "shardfs_read_seconds_bucket" in text
+    assert "shardfs_fetch_seconds_count" in text
+    assert "shardfs_models 2" in text
+
+
+def test_control_channel_rejects_other_user(store_with_two_models, tmp_path):
+    store, _ = store_with_two_models
+    with mounted(store, str(tmp_path / "mnt")) as mount:
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-m", "shardfs", "status", mount.path],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "XDG_RUNTIME_DIR": "/run"},
+        )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+
+
+def test_status_without_daemon_fails_clearly(tmp_path):
+    result = run_shardfs("status", str(tmp_path))
+    assert result.returncode == 2
+    assert "no shardfs daemon serves" in result.stderr
