@@ -13,6 +13,8 @@ Usage: python scripts/compression_bench.py [--output results.json]
 
 Decoding runs with the mount daemon's malloc setting (`fix_mmap_threshold`),
 so each chunk-sized buffer costs the page faults it costs in the daemon.
+``--default-malloc`` leaves glibc's own setting. "zipnn" compresses each
+file whole, "zipnn/chunk" each chunk on its own, as a chunk store needs.
 """
 
 import argparse
@@ -193,6 +195,32 @@ def encode_zipnn(path: str, dtype: str) -> tuple[dict, tuple] | None:
     return result, (lambda: bytearray(compressed), zipnn.decompress)
 
 
+def encode_zipnn_chunks(chunks, dtype: str) -> tuple[dict, tuple] | None:
+    """Compress each chunk on its own with zipnn, as a chunk store would need."""
+    try:
+        from zipnn import ZipNN
+    except ImportError:
+        return None
+    zipnn = ZipNN(bytearray_dtype=dtype, threads=1)
+    raw = sum(len(data) for data, _, _ in chunks)
+    start = time.perf_counter()
+    compressed = [bytes(zipnn.compress(bytearray(data))) for data, _, _ in chunks]
+    encode_s = time.perf_counter() - start
+    for (data, _, _), item in zip(chunks, compressed):
+        if bytes(zipnn.decompress(bytearray(item))) != data:
+            raise SystemExit("zipnn did not restore a chunk exactly")
+
+    def decode_all(copies):
+        for item in copies:
+            zipnn.decompress(item)
+
+    result = {
+        "ratio": sum(len(item) for item in compressed) / raw,
+        "encode_mb_s": raw / encode_s / MB,
+    }
+    return result, (lambda: [bytearray(item) for item in compressed], decode_all)
+
+
 def _zipnn_version() -> str:
     from importlib.metadata import version
 
@@ -248,14 +276,14 @@ def measure_dedup(directory: str, tensors: dict, chunk_size: int) -> list[dict]:
     return results
 
 
-def run(chunk_size: int, repeat: int) -> dict:
+def run(chunk_size: int, repeat: int, daemon_malloc: bool) -> dict:
     results = {
         "machine": {
             "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "numpy": numpy.__version__,
-            "daemon_malloc": fix_mmap_threshold(),
+            "daemon_malloc": daemon_malloc and fix_mmap_threshold(),
         },
         "chunk_size": chunk_size,
         "files": [],
@@ -283,10 +311,13 @@ def run(chunk_size: int, repeat: int) -> dict:
             entry["zstd"], decoders["zstd"] = encode_chunks(
                 chunks, lambda data, size, offset: codec.encode_as(data, "zstd", "none")
             )
-            zipnn = encode_zipnn(path, dtype)
-            entry["zipnn"] = None
-            if zipnn is not None:
-                entry["zipnn"], decoders["zipnn"] = zipnn
+            entry["zipnn"] = entry["zipnn/chunk"] = None
+            for name, measured in (
+                ("zipnn", encode_zipnn(path, dtype)),
+                ("zipnn/chunk", encode_zipnn_chunks(chunks, dtype)),
+            ):
+                if measured is not None:
+                    entry[name], decoders[name] = measured
             timings = time_decoders(decoders, dict.fromkeys(decoders, raw_bytes), repeat)
             for name, timing in timings.items():
                 entry[name].update(timing)
@@ -298,28 +329,31 @@ def run(chunk_size: int, repeat: int) -> dict:
 
 
 def print_table(results: dict) -> None:
-    print(f"chunk size {results['chunk_size']} bytes; MB/s are of raw bytes, one thread")
+    print(
+        f"chunk size {results['chunk_size']} bytes; MB/s are of raw bytes, one thread; "
+        f"daemon malloc setting: {results['machine']['daemon_malloc']}"
+    )
     header = (
-        f"{'file':<16} {'method':<8} {'stored/raw':>10} {'encode MB/s':>12} "
+        f"{'file':<16} {'method':<11} {'stored/raw':>10} {'encode MB/s':>12} "
         f"{'decode MB/s':>12} {'decode MB/CPU-s':>16}"
     )
     print(header)
     print("-" * len(header))
     for entry in results["files"]:
-        for method in ("shardfs", "zstd", "zipnn"):
+        for method in ("shardfs", "zstd", "zipnn", "zipnn/chunk"):
             row = entry[method]
             if row is None:
-                print(f"{entry['file']:<16} {method:<8} {'not installed':>10}")
+                print(f"{entry['file']:<16} {method:<11} {'not installed':>10}")
                 continue
             print(
-                f"{entry['file']:<16} {method:<8} {row['ratio']:>10.4f} "
+                f"{entry['file']:<16} {method:<11} {row['ratio']:>10.4f} "
                 f"{row['encode_mb_s']:>12.0f} {row['decode_mb_s']:>12.0f} "
                 f"{row['decode_cpu_mb_s']:>16.0f}"
             )
         regrouping = entry["regrouping"]
         if regrouping:
             print(
-                f"{entry['file']:<16} {'regroup':<8} {'':>10} {'':>12} "
+                f"{entry['file']:<16} {'regroup':<11} {'':>10} {'':>12} "
                 f"{regrouping['regroup_mb_s']:>12.0f}"
             )
         print(f"{'':<16} encodings chosen: {entry['shardfs']['encodings']}")
@@ -339,8 +373,13 @@ def main() -> int:
     parser.add_argument(
         "--repeat", type=int, default=7, help="decode runs of each method; the fastest counts"
     )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's mmap threshold as it is, instead of fixing it as the daemon does",
+    )
     args = parser.parse_args()
-    results = run(args.chunk_size, args.repeat)
+    results = run(args.chunk_size, args.repeat, not args.default_malloc)
     print_table(results)
     with open(args.output, "w") as file:
         json.dump(results, file, indent=2)
