@@ -165,14 +165,18 @@ def encode(
     or any other size tries 2 and 4 on a sample and keeps the better.
     *element_offset* is the offset in *data* of any element boundary.
     """
-    candidates = [encode_as(data, "raw", "none"), encode_as(data, "zstd", "none", level)]
+    candidates = [encode_as(data, "zstd", "none", level)]
     size = _grouping_size(data, element_size, element_offset)
     if size is not None:
         candidates.append(
             encode_as(data, "split", GROUPING_FOR_SIZE[size], element_offset=element_offset)
         )
-    # min keeps the first of equal sizes, and raw comes first.
-    return min(candidates, key=lambda candidate: len(candidate.data))
+    # min keeps the first of equal sizes, so zstd wins a tie with grouping.
+    best = min(candidates, key=lambda candidate: len(candidate.data))
+    # Raw is built only when it wins, and it wins ties: it is fastest to read.
+    if len(best.data) >= HEADER_SIZE + len(memoryview(data).cast("B")):
+        return encode_as(data, "raw", "none")
+    return best
 
 
 def _grouping_size(data, element_size: int | None, element_offset: int) -> int | None:
