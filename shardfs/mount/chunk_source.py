@@ -307,6 +307,10 @@ class ChunkSource:
                 )
         except ChunkCorrupt:
             self.stats.corrupt_chunks += 1
+            # A store with replicas serves the next attempt from another copy.
+            report_bad_copy = getattr(self._store, "report_bad_copy", None)
+            if report_bad_copy is not None:
+                report_bad_copy(chunk_object_key(chunk.key))
             raise
         self.stats.bytes_decoded += len(data)
         return data
