@@ -277,6 +277,7 @@ def write_output(args, argv, bench: Bench | None, chosen, info, server_log, comp
     if bench is not None:
         report.add_ratios(bench.results)
         document.update(
+            shardfs_store_prefix=bench.store_prefix,
             shardfs_mount_options=bench.shardfs_options,
             pushes=bench.pushes,
             notes=bench.notes,

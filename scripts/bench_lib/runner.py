@@ -12,6 +12,7 @@ Rows:
   random        safe_open on a fresh shardfs mount and read some random tensors
 """
 
+import hashlib
 import json
 import os
 import shlex
@@ -30,6 +31,9 @@ ROWS = (*LOAD_ROWS, "random")
 SHARDFS_LOAD_ROWS = ("shardfs-cold", "shardfs-warm", "shardfs-hot")
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 WORKER_TIMEOUT_S = 1800
+# Stores live under "shardfs-<fingerprint>/", one per shardfs source tree.
+# Chunks are named by their uncompressed content, so a push into an older
+# store would keep the older encoder's chunks and measure that encoder.
 STORE_PREFIX = "shardfs"
 PLAIN_PREFIX = "plain"
 # s5cmd and boto3 both fetch parts of one object in parallel. The JSON output
@@ -84,6 +88,23 @@ def _cached_bytes(cache_dir: str) -> int:
     return total
 
 
+def shardfs_fingerprint() -> str:
+    """Hash the source files of the shardfs package that this process imports."""
+    import shardfs
+
+    root = os.path.dirname(os.path.abspath(shardfs.__file__))
+    digest = hashlib.sha256()
+    for directory, subdirectories, files in sorted(os.walk(root)):
+        subdirectories.sort()
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(directory, name)
+                digest.update(os.path.relpath(path, root).encode() + b"\0")
+                with open(path, "rb") as file:
+                    digest.update(file.read())
+    return digest.hexdigest()[:12]
+
+
 def _plain_key(model: Model, file_name: str) -> str:
     return f"{PLAIN_PREFIX}/{os.path.basename(model.directory)}/{file_name}"
 
@@ -105,6 +126,7 @@ class Bench:
         self.pushes: list[dict] = []
         self._index: dict[tuple, dict] = {}
         self.shardfs_flags: set[str] = set()
+        self.store_prefix = f"{STORE_PREFIX}-{shardfs_fingerprint()}"
         self.shardfs_options, self.shardfs_skip = self._shardfs_options()
 
     # Results
@@ -199,12 +221,14 @@ class Bench:
 
     def push(self, server: servers.Server) -> None:
         pushed = servers.read_pushed(server, self.args.work_dir)
-        store_url = f"s3://{server.bucket}/{STORE_PREFIX}"
+        self._remove_old_stores(server, pushed)
+        store_url = self._store_url(server)
         env = servers.client_env(server.endpoint)
         for model in self.models:
             content_id = _content_id(model)
-            manifest_key = f"{STORE_PREFIX}/models/{model.store_name}/manifest.json"
-            if pushed.get(model.store_name) == content_id and servers.object_size(server, manifest_key):
+            manifest_key = f"{self.store_prefix}/models/{model.store_name}/manifest.json"
+            push_key = f"{self.store_prefix}:{model.store_name}"
+            if pushed.get(push_key) == content_id and servers.object_size(server, manifest_key):
                 print(f"{model.store_name} already in {server.kind} store, push skipped", flush=True)
             else:
                 started = time.perf_counter()
@@ -219,7 +243,7 @@ class Bench:
                 summary = (output.stdout.strip() or output.stderr.strip()).splitlines()[-1:] or [""]
                 print(f"pushed {model.store_name} in {seconds:.1f} s: {summary[0]}", flush=True)
                 self.pushes.append({"model": model.store_name, "server": server.kind, "seconds": seconds, "output": summary[0]})
-                pushed[model.store_name] = content_id
+                pushed[push_key] = content_id
                 servers.write_pushed(server, self.args.work_dir, pushed)
             for file_name in model.files:
                 key = _plain_key(model, file_name)
@@ -305,7 +329,19 @@ class Bench:
         return options + selected, None
 
     def _store_url(self, server) -> str:
-        return f"s3://{server.bucket}/{STORE_PREFIX}"
+        return f"s3://{server.bucket}/{self.store_prefix}"
+
+    def _remove_old_stores(self, server, pushed: dict) -> None:
+        """Delete the stores that older shardfs trees pushed, to free their disk space."""
+        old = {key.split(":", 1)[0] for key in pushed if key.startswith(STORE_PREFIX + "-")}
+        old.discard(self.store_prefix)
+        for prefix in sorted(old):
+            count = servers.delete_prefix(server, prefix + "/")
+            print(f"deleted {count} objects of the older store {prefix}", flush=True)
+            for key in [key for key in pushed if key.startswith(prefix + ":")]:
+                del pushed[key]
+        if old:
+            servers.write_pushed(server, self.args.work_dir, pushed)
 
     def _shardfs_mount(self, server, cache_dir: str, options: list[str] | None = None) -> mounts.ShardfsMount:
         return mounts.ShardfsMount(

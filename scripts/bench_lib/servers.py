@@ -318,3 +318,15 @@ def object_size(server: Server, key: str) -> int | None:
         return s3_client(server.endpoint).head_object(Bucket=server.bucket, Key=key)["ContentLength"]
     except botocore.exceptions.ClientError:
         return None
+
+
+def delete_prefix(server: Server, prefix: str) -> int:
+    """Delete every object under *prefix* and return how many there were."""
+    client = s3_client(server.endpoint)
+    count = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=server.bucket, Prefix=prefix):
+        keys = [{"Key": item["Key"]} for item in page.get("Contents", ())]
+        if keys:
+            client.delete_objects(Bucket=server.bucket, Delete={"Objects": keys, "Quiet": True})
+            count += len(keys)
+    return count
