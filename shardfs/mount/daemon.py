@@ -2,7 +2,14 @@
 
 `serve` runs in the foreground until the filesystem is unmounted (by
 `fusermount3 -u`, `shardfs unmount`, SIGINT or SIGTERM). Once the mount
-answers a stat, it reports readiness through the optional *on_ready* call.
+responds to a stat, it reports readiness through the optional *on_ready*
+call and, under systemd, with ``READY=1``. It sends ``STOPPING=1`` to
+systemd when it starts to unmount.
+
+SIGINT and SIGTERM unmount even while files are open or mapped: as root,
+libfuse's unmount is a lazy ``umount2(MNT_DETACH)``, and otherwise it runs
+``fusermount3 -u -z``. Processes that still hold a file then get ENOTCONN,
+or SIGBUS for a mapped page that was never read.
 """
 
 import errno
@@ -27,6 +34,7 @@ from shardfs.mount.kernel import tune_mount
 from shardfs.mount.listing import ListingState, ManifestCopy, apply_listing, fetch_manifests
 from shardfs.mount.malloc import fix_mmap_threshold
 from shardfs.mount.memory_cache import MemoryCache
+from shardfs.mount.notify import Notifier
 from shardfs.mount.prefetch import Prefetcher
 from shardfs.mount.tree import Tree
 from shardfs.stores import Store, open_store
@@ -139,6 +147,7 @@ def serve(store_config: StoreConfig, config: MountConfig, on_ready=None) -> None
     """Mount the store and serve it until unmounted."""
     faulthandler.enable()
     fix_mmap_threshold()
+    notifier = Notifier.from_environment()
     check_mountpoint(config.mountpoint)
     store = open_store(store_config)
     copy = ManifestCopy(os.path.join(config.cache_dir, "manifests"))
@@ -178,10 +187,13 @@ def serve(store_config: StoreConfig, config: MountConfig, on_ready=None) -> None
     control = ControlServer(
         config.mountpoint, operations, chunks, tree, store_config.max_connections
     )
+    status = f"serving {len(listing.digests)} models of {store.url} at {config.mountpoint}"
+    readiness = Readiness(on_ready, notifier, status)
     try:
         refresher = Refresher(store, copy, tree, listing, config.refresh_interval_s)
-        trio.run(_run_session, config, chunks, refresher, control, stats_path, on_ready)
+        trio.run(_run_session, config, chunks, refresher, control, stats_path, readiness)
     finally:
+        notifier.stopping()
         pyfuse3.close(unmount=True)
         write_stats(stats_path, control)
         _unlink_quietly(control.path)
@@ -206,14 +218,16 @@ def write_stats(path: str, control: ControlServer) -> None:
         log.warning("cannot write statistics to %s: %s", path, exc)
 
 
-async def _run_session(config, chunks, refresher, control, stats_path, on_ready) -> None:
+async def _run_session(config, chunks, refresher, control, stats_path, readiness) -> None:
     async with trio.open_nursery() as nursery:
         chunks.start(nursery)
         nursery.start_soon(_guarded, "listing refresh", refresher.run)
         nursery.start_soon(_guarded, "control channel", control.serve, config.metrics_address)
-        nursery.start_soon(_handle_signals, control, stats_path)
-        nursery.start_soon(_report_ready, config, on_ready)
+        nursery.start_soon(_handle_signals, control, stats_path, readiness.notifier)
+        nursery.start_soon(_report_ready, config, readiness)
         await pyfuse3.main()
+        # Threads still fetching may delay the exit, so systemd hears first.
+        readiness.notifier.stopping()
         nursery.cancel_scope.cancel()
 
 
@@ -225,7 +239,7 @@ async def _guarded(name: str, function, *args) -> None:
         log.exception("%s failed and is stopped; the mount keeps serving reads", name)
 
 
-async def _handle_signals(control, stats_path) -> None:
+async def _handle_signals(control, stats_path, notifier: Notifier) -> None:
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
     with trio.open_signal_receiver(*signals) as received:
         async for signum in received:
@@ -233,11 +247,21 @@ async def _handle_signals(control, stats_path) -> None:
                 await trio.to_thread.run_sync(write_stats, stats_path, control)
                 continue
             log.info("received %s, unmounting", signal.Signals(signum).name)
+            notifier.stopping()
             pyfuse3.terminate()
             return
 
 
-async def _report_ready(config: MountConfig, on_ready) -> None:
+class Readiness:
+    """The two receivers of the ready report: the caller's *on_ready* and systemd."""
+
+    def __init__(self, on_ready, notifier: Notifier, status: str):
+        self.on_ready = on_ready
+        self.notifier = notifier
+        self.status = status
+
+
+async def _report_ready(config: MountConfig, readiness: Readiness) -> None:
     # The stat goes through the kernel to this daemon's own request loop, so
     # it runs in a thread while the loop serves it.
     await trio.to_thread.run_sync(os.stat, config.mountpoint)
@@ -245,8 +269,9 @@ async def _report_ready(config: MountConfig, on_ready) -> None:
         tune_mount, config.mountpoint, config.read_ahead_kb, config.max_background
     )
     log.info("mount at %s is ready, kernel settings %s", config.mountpoint, applied)
-    if on_ready is not None:
-        on_ready()
+    if readiness.on_ready is not None:
+        readiness.on_ready()
+    readiness.notifier.ready(readiness.status)
 
 
 class Refresher:
