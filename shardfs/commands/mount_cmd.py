@@ -1,8 +1,11 @@
 """``shardfs mount`` and ``shardfs unmount``.
 
-Without ``--foreground``, mount starts the daemon as a new session and waits
-on a pipe: the daemon writes ``ready`` once the mount answers a stat, or one
-line with the reason it failed. So the command's exit status means mounted.
+Settings come from the config file (``--config``, by default
+/etc/shardfs/config.toml if it exists) and from flags, which win; see
+`shardfs.config_file`. Without ``--foreground``, mount starts the daemon as
+a new session and waits on a pipe: the daemon writes ``ready`` once the
+mount responds to a stat, or one line with the reason it failed. So the
+command's exit status means mounted.
 """
 
 import argparse
@@ -12,110 +15,46 @@ import select
 import shutil
 import subprocess
 import sys
+from typing import Any
 
-from shardfs.commands import add_store_options, store_config
-from shardfs.config import (
-    MountConfig,
-    PrefetchConfig,
-    RetryConfig,
-    default_cache_dir,
-    parse_cache_size,
-    parse_size,
-)
+from shardfs import config_file
+from shardfs.config import MiB, MountConfig, RetryConfig, StoreConfig, default_cache_dir
+from shardfs.config_file import SETTINGS, SettingValue
 from shardfs.errors import ShardfsError, UsageError
 
 log = logging.getLogger(__name__)
 
-# Time for the daemon to read every manifest and answer the first stat.
+# Time for the daemon to read every manifest and respond to the first stat.
 READY_TIMEOUT_S = 120.0
 READY = b"ready\n"
-MIN_MEMORY_LIMIT = 16 * 1024 * 1024
+USAGE = "%(prog)s [options] [[STORE] MOUNTPOINT]"
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("mount", help="mount a store as a read-only filesystem")
-    add_store_options(parser, positional=True)
-    parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
+    parser = subparsers.add_parser(
+        "mount",
+        help="mount a store as a read-only filesystem",
+        usage=USAGE,
+        description="Mount a store. STORE and MOUNTPOINT may instead be set as store "
+        "and mountpoint in the config file; a single argument is the MOUNTPOINT. "
+        "Every option below overrides the config file's key of the same name "
+        "(--cache-size sets cache_size, --prefetch sets prefetch.enabled).",
+    )
+    parser.add_argument(
+        "store", nargs="?", metavar="STORE",
+        help="store URL: a directory, file:///path or s3://bucket/prefix",
+    )
+    parser.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT", help="an empty directory")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"TOML file with the mount's settings (default: {config_file.DEFAULT_CONFIG_PATH} "
+        "if it exists)",
+    )
     parser.add_argument(
         "--foreground", action="store_true", help="serve in this process until unmounted"
     )
-    parser.add_argument(
-        "--cache-dir",
-        default=None,
-        metavar="DIR",
-        help=f"local cache and daemon log (default: {default_cache_dir()})",
-    )
-    parser.add_argument(
-        "--cache-size",
-        default="20%",
-        metavar="SIZE",
-        help="SSD cache cap: bytes such as 50G, or a share of the cache "
-        "directory's disk such as 20%% (default: 20%%)",
-    )
-    parser.add_argument(
-        "--memory-limit",
-        default="256MiB",
-        metavar="SIZE",
-        help="decoded chunks kept in memory, such as 512M (default: 256MiB)",
-    )
-    parser.add_argument(
-        "--max-connections",
-        type=int,
-        default=16,
-        metavar="N",
-        help="concurrent store requests of the whole mount (default: 16)",
-    )
-    parser.add_argument(
-        "--refresh-interval",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="how often to re-read the model listing; 0 reads it only at "
-        "start (default: 60)",
-    )
-    parser.add_argument(
-        "--read-timeout",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="a read fails with EIO once its data has not arrived for this "
-        "long, retries included (default: 30)",
-    )
-    parser.add_argument(
-        "--metrics-address",
-        default=None,
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics, such as "
-        "127.0.0.1:9464 (default: off)",
-    )
-    tuning = parser.add_argument_group("tuning")
-    tuning.add_argument(
-        "--no-prefetch",
-        action="store_true",
-        help="fetch only the chunks readers ask for",
-    )
-    tuning.add_argument(
-        "--read-ahead-kb",
-        type=int,
-        default=1024,
-        metavar="KB",
-        help="kernel read-ahead of the mount in KiB; 0 keeps the kernel "
-        "default (default: 1024)",
-    )
-    tuning.add_argument(
-        "--max-background",
-        type=int,
-        default=64,
-        metavar="N",
-        help="background requests the kernel queues to the mount; 0 keeps "
-        "the kernel default of 12 (default: 64)",
-    )
-    parser.add_argument(
-        "--allow-other",
-        action="store_true",
-        help="let users other than the one mounting read the files (needs "
-        "user_allow_other in /etc/fuse.conf unless run as root; off by default)",
-    )
+    _add_setting_flags(parser)
     # The write end of the readiness pipe, set only by a parent mount command.
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(run=run_mount)
@@ -125,63 +64,153 @@ def add_parser(subparsers) -> None:
     unmount.set_defaults(run=run_unmount)
 
 
-def _mount_config(args) -> MountConfig:
-    cache_bytes, cache_share = parse_cache_size(args.cache_size)
-    for option, value in (
-        ("--max-connections", args.max_connections),
-        ("--read-ahead-kb", args.read_ahead_kb),
-        ("--max-background", args.max_background),
-    ):
-        if value < 0 or (option == "--max-connections" and value < 1):
-            raise UsageError(f"invalid {option} {value}: expected a positive number")
-    for option, seconds in (
-        ("--refresh-interval", args.refresh_interval),
-        ("--read-timeout", args.read_timeout),
-    ):
-        if not 0 <= seconds < 1e6 or (option == "--read-timeout" and seconds == 0):
-            raise UsageError(f"invalid {option} {seconds}: expected seconds above 0")
-    memory_limit = parse_size(args.memory_limit)
-    if memory_limit < MIN_MEMORY_LIMIT:
-        raise UsageError(
-            f"invalid memory limit {args.memory_limit!r}: expected at least 16MiB"
-        )
-    return MountConfig(
-        mountpoint=os.path.abspath(args.mountpoint),
-        cache_dir=os.path.abspath(args.cache_dir or default_cache_dir()),
-        allow_other=args.allow_other,
-        memory_limit=memory_limit,
-        cache_bytes=cache_bytes,
-        cache_share=cache_share,
-        read_ahead_kb=args.read_ahead_kb,
-        max_background=args.max_background,
-        refresh_interval_s=args.refresh_interval,
-        metrics_address=parse_address(args.metrics_address),
-        prefetch=PrefetchConfig(enabled=not args.no_prefetch),
-        retry=RetryConfig(deadline_s=args.read_timeout),
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; each defaults to None, meaning not given."""
+    store = parser.add_argument_group("store")
+    store.add_argument(
+        "--endpoint-url", dest="endpoint_url", metavar="URL",
+        help="S3-compatible server to use instead of AWS (default: boto3's own, "
+        "which reads AWS_ENDPOINT_URL)",
+    )
+    store.add_argument(
+        "--max-connections", dest="max_connections", metavar="N",
+        help=f"concurrent store requests of the whole mount (default: "
+        f"{StoreConfig.max_connections})",
+    )
+    store.add_argument(
+        "--read-timeout", dest="read_timeout", metavar="SECONDS",
+        help="a read fails with EIO once its data has not arrived for this long, "
+        f"retries included (default: {RetryConfig.deadline_s:.0f})",
+    )
+    store.add_argument(
+        "--refresh-interval", dest="refresh_interval", metavar="SECONDS",
+        help="how often to re-read the model listing; 0 reads it only at start "
+        f"(default: {MountConfig.refresh_interval_s:.0f})",
+    )
+
+    cache = parser.add_argument_group("cache")
+    cache.add_argument(
+        "--cache-dir", dest="cache_dir", metavar="DIR",
+        help="SSD cache, daemon log and statistics (default: $CACHE_DIRECTORY under "
+        f"systemd, else {default_cache_dir()})",
+    )
+    cache.add_argument(
+        "--cache-size", dest="cache_size", metavar="SIZE",
+        help="SSD cache cap: bytes such as 50G, or a share of the cache directory's "
+        f"disk such as 20%% (default: {MountConfig.cache_share * 100:.0f}%%)",
+    )
+    cache.add_argument(
+        "--memory-limit", dest="memory_limit", metavar="SIZE",
+        help="decoded chunks kept in memory, such as 512M (default: "
+        f"{MountConfig.memory_limit // MiB}MiB)",
+    )
+
+    daemon = parser.add_argument_group("daemon")
+    daemon.add_argument(
+        "--allow-other", dest="allow_other", action=argparse.BooleanOptionalAction,
+        help="let users other than the one mounting read the files (needs "
+        "user_allow_other in /etc/fuse.conf unless run as root; default: off)",
+    )
+    daemon.add_argument(
+        "--log-level", dest=SETTINGS["log_level"].dest, metavar="LEVEL",
+        help="messages the daemon logs: DEBUG, INFO, WARNING or ERROR (default: "
+        "the global --log-level)",
+    )
+    daemon.add_argument(
+        "--metrics-address", dest="metrics_address", metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, such as "
+        "127.0.0.1:9464; off turns them off (default: off)",
+    )
+
+    tuning = parser.add_argument_group("tuning")
+    tuning.add_argument(
+        "--prefetch", dest="prefetch_enabled", action=argparse.BooleanOptionalAction,
+        help="fetch chunks ahead of sequential readers (default: on)",
+    )
+    tuning.add_argument(
+        "--read-ahead-kb", dest="read_ahead_kb", metavar="KB",
+        help="kernel read-ahead of the mount in KiB; 0 keeps the kernel default "
+        f"(default: {MountConfig.read_ahead_kb})",
+    )
+    tuning.add_argument(
+        "--max-background", dest="max_background", metavar="N",
+        help="background requests the kernel queues to the mount; 0 keeps the "
+        f"kernel default of 12 (default: {MountConfig.max_background})",
     )
 
 
-def parse_address(text: str | None) -> tuple[str, int] | None:
-    """Parse ``HOST:PORT``; None stays None."""
-    if text is None:
-        return None
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"invalid metrics address {text!r}: expected HOST:PORT, such as 127.0.0.1:9464")
-    return host.strip("[]"), int(port)
+
+def given_on_command_line(args) -> dict[str, SettingValue]:
+    """Return the settings that *args* gives, keyed as in the config file."""
+    store, mountpoint = args.store, args.mountpoint
+    if mountpoint is None and store is not None:
+        store, mountpoint = None, store
+    overrides = {}
+    if store is not None:
+        overrides["store"] = SettingValue(store, f"STORE {store!r}", from_text=True)
+    if mountpoint is not None:
+        label = f"MOUNTPOINT {mountpoint!r}"
+        overrides["mountpoint"] = SettingValue(mountpoint, label, from_text=True)
+    for setting in SETTINGS.values():
+        value = getattr(args, setting.dest, None) if setting.flag else None
+        if value is not None:
+            overrides[setting.key] = SettingValue.from_flag(_flag_form(setting.flag, value), value)
+    return overrides
+
+
+def _flag_form(flag: str, value: Any) -> str:
+    """Return the flag as written for *value*: ``--no-prefetch`` for False."""
+    return f"--no-{flag[2:]}" if value is False else flag
 
 
 def run_mount(args) -> int:
-    config = _mount_config(args)
-    if args.foreground:
-        return _serve_foreground(args, config)
-    return _start_daemon(args, config)
+    overrides = given_on_command_line(args)
+    return mount(args.config, overrides, foreground=args.foreground, ready_fd=args.ready_fd)
 
 
-def _serve_foreground(args, config: MountConfig) -> int:
+def mount(
+    config_path: str | None,
+    overrides: dict[str, SettingValue],
+    *,
+    foreground: bool,
+    ready_fd: int | None = None,
+) -> int:
+    """Mount with the settings of *config_path* overridden by *overrides*.
+
+    In the foreground this serves until unmounted; otherwise it returns
+    once a background daemon reports the mount ready.
+    """
+    resolved = resolve_settings(config_path, overrides)
+    if "log_level" in resolved:
+        logging.getLogger().setLevel(resolved["log_level"])
+    store = config_file.store_config(resolved)
+    config = config_file.mount_config(resolved)
+    if foreground:
+        return _serve_foreground(store, config, ready_fd)
+    return _start_daemon(config, _forwarded_arguments(config_path, overrides, resolved))
+
+
+def resolve_settings(
+    config_path: str | None, overrides: dict[str, SettingValue]
+) -> dict[str, Any]:
+    """Return the mount's settings from *config_path* and *overrides*, checked.
+
+    Raises `UsageError` for an invalid value or a missing store or mountpoint.
+    """
+    resolved = config_file.resolve(config_file.read_config_file(config_path), overrides)
+    for key, argument in (("store", "STORE"), ("mountpoint", "MOUNTPOINT")):
+        if key not in resolved:
+            where = config_path or config_file.DEFAULT_CONFIG_PATH
+            raise UsageError(f"missing {argument}: give it as an argument or set {key} in {where}")
+    return resolved
+
+
+def _serve_foreground(store: StoreConfig, config: MountConfig, ready_fd: int | None) -> int:
     from shardfs.mount.daemon import serve
+    from shardfs.mount.notify import use_journal_format
 
-    ready_pipe = os.fdopen(args.ready_fd, "wb", buffering=0) if args.ready_fd else None
+    use_journal_format()
+    ready_pipe = os.fdopen(ready_fd, "wb", buffering=0) if ready_fd else None
 
     def on_ready() -> None:
         if ready_pipe is not None:
@@ -189,7 +218,7 @@ def _serve_foreground(args, config: MountConfig) -> int:
             ready_pipe.close()
 
     try:
-        serve(store_config(args), config, on_ready)
+        serve(store, config, on_ready)
     except ShardfsError as exc:
         if ready_pipe is not None and not ready_pipe.closed:
             kind = "usage" if isinstance(exc, UsageError) else "failed"
@@ -198,7 +227,33 @@ def _serve_foreground(args, config: MountConfig) -> int:
     return 0
 
 
-def _start_daemon(args, config: MountConfig) -> int:
+def _forwarded_arguments(
+    config_path: str | None, overrides: dict[str, SettingValue], resolved: dict[str, Any]
+) -> list[str]:
+    """Return the mount arguments that make a daemon resolve the same settings.
+
+    The daemon reads the same config file itself. Paths are passed
+    absolute, because it runs in the root directory.
+    """
+    arguments = []
+    if config_path is not None:
+        arguments += ["--config", os.path.abspath(config_path)]
+    for key, item in overrides.items():
+        setting = SETTINGS[key]
+        if setting.flag is None:
+            continue
+        if isinstance(item.value, bool):
+            arguments.append(_flag_form(setting.flag, item.value))
+        elif key == "cache_dir":
+            arguments += [setting.flag, resolved[key]]
+        else:
+            arguments += [setting.flag, item.value]
+    # Both or only the mountpoint: a single argument is the mountpoint.
+    arguments += [resolved[key] for key in ("store", "mountpoint") if key in overrides]
+    return arguments
+
+
+def _start_daemon(config: MountConfig, arguments: list[str]) -> int:
     from shardfs.mount.daemon import check_mountpoint
 
     # Cheap checks first, so the common mistakes fail here and not in the log.
@@ -206,9 +261,11 @@ def _start_daemon(args, config: MountConfig) -> int:
     log_path = _open_log_dir(config.cache_dir)
 
     read_fd, write_fd = os.pipe()
-    command = [sys.executable, "-m", "shardfs", "--log-level", "INFO", "mount"]
-    command += _forwarded_options(args, config)
+    command = [sys.executable, "-m", "shardfs", "--log-level", "INFO", "mount", *arguments]
     command += ["--foreground", "--ready-fd", str(write_fd)]
+    # The daemon is not the process a service manager started, so it must
+    # not send readiness on that process's behalf.
+    environment = {name: value for name, value in os.environ.items() if name != "NOTIFY_SOCKET"}
     with open(log_path, "ab") as log_file:
         subprocess.Popen(
             command,
@@ -217,6 +274,8 @@ def _start_daemon(args, config: MountConfig) -> int:
             stderr=log_file,
             pass_fds=(write_fd,),
             start_new_session=True,
+            cwd="/",
+            env=environment,
         )
     os.close(write_fd)
     with os.fdopen(read_fd, "rb", buffering=0) as ready_pipe:
@@ -247,39 +306,6 @@ def _read_until_closed(pipe, timeout_s: float) -> bytes | None:
         if not block:
             return data
         data += block
-
-
-def _forwarded_options(args, config: MountConfig) -> list[str]:
-    options = [
-        "--cache-dir",
-        config.cache_dir,
-        "--cache-size",
-        args.cache_size,
-        "--memory-limit",
-        str(config.memory_limit),
-        "--max-connections",
-        str(args.max_connections),
-        "--read-ahead-kb",
-        str(config.read_ahead_kb),
-        "--max-background",
-        str(config.max_background),
-        "--refresh-interval",
-        str(config.refresh_interval_s),
-        "--read-timeout",
-        str(config.retry.deadline_s),
-    ]
-    if args.no_prefetch:
-        options.append("--no-prefetch")
-    if args.metrics_address:
-        options += ["--metrics-address", args.metrics_address]
-    if args.endpoint_url:
-        options += ["--endpoint-url", args.endpoint_url]
-    if config.allow_other:
-        options.append("--allow-other")
-    store = args.store
-    if "://" not in store:
-        store = os.path.abspath(store)
-    return options + [store, config.mountpoint]
 
 
 def _open_log_dir(cache_dir: str) -> str:
