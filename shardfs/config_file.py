@@ -307,7 +307,8 @@ def _flatten(document: dict, path: str) -> dict[str, SettingValue]:
     for key, value in document.items():
         if key in TABLES:
             if not isinstance(value, dict):
-                raise UsageError(f"invalid {SettingValue.from_file(key, value, path).label}: expected a table")
+                label = SettingValue.from_file(key, value, path).label
+                raise UsageError(f"invalid {label}: expected a table")
             for sub_key, sub_value in value.items():
                 full_key = f"{key}.{sub_key}"
                 _check_known(full_key, path)
@@ -328,7 +329,9 @@ def _check_known(key: str, path: str) -> None:
     raise UsageError(message)
 
 
-def resolve(file_values: dict[str, SettingValue], command_line: dict[str, SettingValue]) -> dict[str, Any]:
+def resolve(
+    file_values: dict[str, SettingValue], command_line: dict[str, SettingValue]
+) -> dict[str, Any]:
     """Return every setting that was given, parsed: command line over file.
 
     Settings given nowhere are left out, so the config dataclasses' own

@@ -56,7 +56,8 @@ class Notifier:
             return cls(None)
         address = notify_address(value)
         if address is None:
-            log.warning("NOTIFY_SOCKET %r is not a Unix socket address; not notifying systemd", value)
+            log.warning("NOTIFY_SOCKET %r is not a Unix socket address, so systemd "
+                        "gets no notifications", value)
         return cls(address)
 
     @property
