@@ -1,4 +1,4 @@
-"""Stores named by URL: a local directory, ``file:///abs/path`` or ``s3://``."""
+"""Stores named by URL (a directory, ``file:///abs/path``, ``s3://``) and placed stores."""
 
 import urllib.parse
 
@@ -6,12 +6,16 @@ from shardfs.config import StoreConfig
 from shardfs.errors import UsageError
 from shardfs.stores.base import Store, list_models
 from shardfs.stores.local import LocalStore
+from shardfs.stores.placed import PlacedStore, PlacedStoreConfig
 
-__all__ = ["Store", "LocalStore", "open_store", "list_models"]
+__all__ = ["Store", "LocalStore", "PlacedStore", "open_store", "list_models"]
 
 
-def open_store(config: StoreConfig) -> Store:
-    """Return the store that *config.url* names; nothing is contacted yet."""
+def open_store(config: StoreConfig | PlacedStoreConfig) -> Store:
+    """Return the store that *config* names; nothing is contacted yet."""
+    if isinstance(config, PlacedStoreConfig):
+        stores = [open_store(member.store) for member in config.members]
+        return PlacedStore(config, stores)
     url = config.url
     if url.startswith("s3://"):
         from shardfs.stores.s3 import S3Store, split_s3_url
