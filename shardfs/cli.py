@@ -14,6 +14,7 @@ from shardfs.commands import (
     ls_cmd,
     mount_cmd,
     push_cmd,
+    repair_cmd,
     rm_cmd,
     status_cmd,
     verify_cmd,
@@ -25,7 +26,17 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-COMMANDS = (push_cmd, mount_cmd, ls_cmd, status_cmd, warm_cmd, verify_cmd, gc_cmd, rm_cmd)
+COMMANDS = (
+    push_cmd,
+    mount_cmd,
+    ls_cmd,
+    status_cmd,
+    warm_cmd,
+    verify_cmd,
+    repair_cmd,
+    gc_cmd,
+    rm_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

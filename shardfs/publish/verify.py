@@ -3,7 +3,9 @@
 Each distinct chunk is fetched once, however many files and models name
 it, then decoded and checked against its key (`codec.decode`). A chunk
 that is missing, damaged or of an encoding this version cannot read is
-so found before a reader meets it.
+so found before a reader meets it. In a placed store every copy that the
+chunk's placement calls for is checked, so a chunk with fewer good copies
+than the store's replicas is reported once per bad copy.
 """
 
 import concurrent.futures
@@ -18,6 +20,7 @@ from shardfs.errors import (
 )
 from shardfs.manifest import Manifest, parse_manifest
 from shardfs.stores.base import Store, chunk_object_key, list_models, manifest_object_key
+from shardfs.stores.placed import PlacedStore
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,13 +35,16 @@ class Problem:
     start: int = 0
     end: int = 0
     key: str = ""
+    # The member of a placed store whose copy is bad; empty for the chunk itself.
+    member: str = ""
 
     def describe(self) -> str:
         if not self.key:
             return f"{self.model}: {self.detail}"
+        where = f" on {self.member}" if self.member else ""
         return (
             f"{self.model}/{self.path} bytes {self.start}-{self.end}: chunk {self.key} "
-            f"is {self.kind}: {self.detail}"
+            f"is {self.kind}{where}: {self.detail}"
         )
 
 
@@ -82,14 +88,19 @@ def verify_models(store: Store, names: list[str] | None = None, workers: int = 8
     report.chunks = len(places)
     report.stored_bytes = sum(stored.values())
 
+    def check(item: tuple[str, int]) -> list[tuple[str, str, str]]:
+        if isinstance(store, PlacedStore):
+            return _check_copies(store, *item)
+        outcome = _check_chunk(store, *item)
+        return [] if outcome is None else [(*outcome, "")]
+
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        outcomes = pool.map(lambda item: _check_chunk(store, *item), places)
-        for item, outcome in zip(places, outcomes):
-            if outcome is None:
-                continue
-            kind, detail = outcome
-            for model, path, start, end in places[item]:
-                report.problems.append(Problem(model, kind, detail, path, start, end, item[0]))
+        for item, outcomes in zip(places, pool.map(check, places)):
+            for kind, detail, member in outcomes:
+                for model, path, start, end in places[item]:
+                    report.problems.append(
+                        Problem(model, kind, detail, path, start, end, item[0], member)
+                    )
     return report
 
 
@@ -116,3 +127,24 @@ def _check_chunk(store: Store, key: str, length: int) -> tuple[str, str] | None:
     except ChunkCorrupt as exc:
         return "corrupt", exc.reason
     return None
+
+
+def _check_copies(store: PlacedStore, key: str, length: int) -> list[tuple[str, str, str]]:
+    """Check each copy of the placement of *key*; return (kind, detail, member) per bad one."""
+    placement = store.placement(key)
+    bad = []
+    for member in placement:
+        outcome = _check_chunk(member.store, key, length)
+        if outcome is not None:
+            bad.append((member, *outcome))
+    if not bad:
+        return []
+    good = len(placement) - len(bad)
+    summary = f"{good} of {len(placement)} copies good"
+    others = store.rank(key)[len(placement) :]
+    elsewhere = sum(member.store.head(chunk_object_key(key)) is not None for member in others)
+    if elsewhere:
+        summary += f", {elsewhere} more outside the placement"
+    if good or elsewhere:
+        summary += "; shardfs repair restores them"
+    return [(kind, f"{detail}; {summary}", member.name) for member, kind, detail in bad]
