@@ -129,7 +129,7 @@ class RetryConfig:
     max_delay_s: float = 2.0
     # A chunk that failed for good fails again at once for this long, so a
     # reader retrying in a loop does not hammer the store.
-    failure_ttl_s: float = 5.0
+    failure_ttl_s: float = 2.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ from safetensors.torch import save
 
 from shardfs import codec, formats
 from shardfs.config import PrefetchConfig
+from shardfs.errors import UsageError
 from shardfs.mount.disk_cache import DiskCache
 from shardfs.mount.memory_cache import MemoryCache
 from shardfs.mount.prefetch import ReadAhead
@@ -62,13 +63,16 @@ def test_memory_cache_prefetch_evicts_older_prefetch():
     assert "used" in cache
 
 
-def test_memory_cache_demand_evicts_prefetch_first():
-    cache = MemoryCache(20)
+def test_memory_cache_evicts_read_chunks_before_unread_prefetch():
+    cache = MemoryCache(20, protected_share=0.5)
     cache.put("used", b"x" * 10)
     cache.put("ahead", b"x" * 10, prefetched=True)
     cache.put("new", b"x" * 10)
-    assert "ahead" not in cache
-    assert "used" in cache
+    assert "used" not in cache
+    assert "ahead" in cache
+    assert "new" in cache
+    assert cache.get("ahead") is not None
+    assert cache.unread_prefetched_bytes == 0
 
 
 def _chunk(seed: int, size: int = 1000) -> tuple[str, bytes]:
@@ -104,6 +108,7 @@ def test_disk_cache_survives_restart(tmp_path):
     first = DiskCache(str(tmp_path / "cache"), 10_000)
     first.open()
     first.write(key, data)
+    first.close()
     second = DiskCache(str(tmp_path / "cache"), 10_000)
     second.open()
     assert key in second
@@ -125,6 +130,7 @@ def test_disk_cache_drops_damaged_file(tmp_path, damage):
         "longer": data + b"!",
     }[damage]
     path.write_bytes(damaged)
+    cache.close()
     restarted = DiskCache(str(tmp_path / "cache"), 10_000)
     restarted.open()
     assert restarted.read(key, len(data)) is None
@@ -140,6 +146,16 @@ def test_disk_cache_clears_temporary_files(tmp_path):
     cache.open()
     assert list(tmp_dir.iterdir()) == []
     assert cache.size_bytes == 0
+
+
+def test_disk_cache_rejects_second_daemon(tmp_path):
+    first = DiskCache(str(tmp_path / "cache"), 10_000)
+    first.open()
+    second = DiskCache(str(tmp_path / "cache"), 10_000)
+    with pytest.raises(UsageError, match="in use by another mount"):
+        second.open()
+    first.close()
+    second.open()
 
 
 def test_disk_cache_directory_mode(tmp_path):

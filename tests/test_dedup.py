@@ -127,7 +127,7 @@ def test_repeated_chunk_uploaded_once(tmp_path):
 
 
 def summary_counts(stderr: str) -> tuple[int, int]:
-    match = re.search(r"(\d+) chunks \((\d+) already present\)", stderr)
+    match = re.search(r"(\d+) chunks? \((\d+) already present\)", stderr)
     assert match, stderr
     return int(match.group(1)), int(match.group(2))
 

@@ -49,12 +49,17 @@ def run(args) -> int:
             )
     if interactive:
         sys.stderr.write("\n")
+    resident = final["total"] - final["failed_bytes"]
     print(
-        f"warmed {format_size(final['total'])}: {format_size(final['cached_before'])} "
-        f"was already cached"
+        f"warmed {format_size(resident)} of {format_size(final['total'])}: "
+        f"{format_size(final['cached_before'])} was already cached"
     )
     if final["failed"] or not final.get("resident"):
         for failure in final["failed"][:10]:
             print(f"failed: {failure}", file=sys.stderr)
-        raise ShardfsError(f"{len(final['failed'])} chunks could not be fetched")
+        count = len(final["failed"])
+        raise ShardfsError(
+            f"{count} chunk{'s' if count != 1 else ''} could not be fetched; "
+            f"{format_size(final['failed_bytes'])} is not cached"
+        )
     return 0

@@ -123,12 +123,14 @@ class ChunkSource:
         """Whether a prefetch of *length* bytes fits the memory it may use.
 
         With a working disk cache, prefetched chunks spill to disk; without
-        one they must wait in memory, in at most half of the room that
-        readers' chunks leave, or they would evict each other unread.
+        one they must wait in memory, and those in flight plus those not
+        read yet must fit the room readers' chunks leave, or new prefetches
+        would evict older ones before they are read.
         """
         if self.disk is not None and self.disk.can_hold(length):
             return True
-        return self._prefetch_bytes + length <= self.memory.probation_room // 2
+        waiting = self._prefetch_bytes + self.memory.unread_prefetched_bytes
+        return waiting + length <= self.memory.probation_room
 
     async def read(self, chunk: ChunkRef, start: int, end: int) -> bytes:
         """Return bytes ``[start, end)`` of the decoded *chunk*, verified.

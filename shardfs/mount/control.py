@@ -143,7 +143,14 @@ class ControlServer:
                 chunks.setdefault(chunk.key, chunk)
         total = sum(chunk.length for chunk in chunks.values())
         already = sum(c.length for c in chunks.values() if self._chunks.disk_holds(c.key))
-        progress = {"total": total, "cached_before": already, "done_bytes": already, "failed": []}
+        progress = {
+            "total": total,
+            "cached_before": already,
+            "done_bytes": already,
+            "failed_bytes": 0,
+            "failed": [],
+        }
+        where = {chunk.key: f"{entry.path}" for entry in entries for chunk in entry.chunks}
         pending = [c for c in chunks.values() if not self._chunks.disk_holds(c.key)]
 
         async def worker(receive):
@@ -151,7 +158,8 @@ class ControlServer:
                 try:
                     await self._chunks.ensure_on_disk(chunk, PREFETCH)
                 except Exception as exc:
-                    progress["failed"].append(f"{chunk.key}: {exc}")
+                    progress["failed"].append(f"{where[chunk.key]}: {exc}")
+                    progress["failed_bytes"] += chunk.length
                 progress["done_bytes"] += chunk.length
 
         async with trio.open_nursery() as nursery:

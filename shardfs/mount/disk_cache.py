@@ -17,6 +17,7 @@ index. The size cap is kept exactly: room is made before a chunk is added.
 """
 
 import collections
+import fcntl
 import logging
 import os
 import re
@@ -25,7 +26,7 @@ import tempfile
 import threading
 
 from shardfs import codec
-from shardfs.errors import ChunkCorrupt
+from shardfs.errors import ChunkCorrupt, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,14 @@ class DiskCache:
         # Keys verified since this start; later reads of them may be partial.
         self._verified: set[str] = set()
         self._writing: set[str] = set()
+        self._lock_fd: int | None = None
         self._write_failed = False
 
     def open(self) -> None:
         """Create the directories and rebuild the index from the files present."""
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         os.chmod(self.directory, 0o700)
+        self._lock_directory()
         shutil.rmtree(self._tmp_dir, ignore_errors=True)
         os.makedirs(self._tmp_dir, mode=0o700, exist_ok=True)
         os.makedirs(self._chunks_dir, mode=0o700, exist_ok=True)
@@ -67,6 +70,13 @@ class DiskCache:
                 self._index[key] = size
                 self.size_bytes += size
             evicted = self._evict_until(self.limit_bytes)
+        if evicted:
+            log.warning(
+                "disk cache %s is over its cap of %d bytes: removed %d chunks",
+                self.directory,
+                self.limit_bytes,
+                len(evicted),
+            )
         self._unlink_all(evicted)
         log.info(
             "disk cache %s: %d chunks, %d of %d bytes",
@@ -75,6 +85,28 @@ class DiskCache:
             self.size_bytes,
             self.limit_bytes,
         )
+
+    def _lock_directory(self) -> None:
+        """Hold an exclusive lock on the directory for the daemon's lifetime.
+
+        Two daemons on one cache would each keep their own index and cap and
+        delete each other's chunks. The lock ends with the process.
+        """
+        self._lock_fd = os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise UsageError(
+                f"cache directory {self.directory!r} is in use by another mount; "
+                "give each mount its own --cache-dir"
+            ) from None
+
+    def close(self) -> None:
+        """Release the directory lock; the index stays usable for reads."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def __contains__(self, key: str) -> bool:
         return key in self._index

@@ -55,9 +55,13 @@ class PushProgress:
             self._stream.write("\n")
         elapsed = time.monotonic() - self.started
         self._stream.write(
-            f"pushed {name}: {file_count} files, {format_size(self.bytes_read)} read, "
+            f"pushed {name}: {_count(file_count, 'file')}, {format_size(self.bytes_read)} read, "
             f"{format_size(self.bytes_stored)} stored, "
-            f"{format_size(self.bytes_uploaded)} uploaded, {self.chunks} chunks "
+            f"{format_size(self.bytes_uploaded)} uploaded, {_count(self.chunks, 'chunk')} "
             f"({self.chunks_present} already present) in {elapsed:.1f} s\n"
         )
         self._stream.flush()
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"

@@ -65,6 +65,7 @@ def collect_sources(source: str) -> list[SourceFile]:
     files = []
     for directory, subdirs, names in os.walk(source, followlinks=True, onerror=_raise):
         subdirs[:] = sorted(name for name in subdirs if name not in SKIPPED_DIRS)
+        _check_no_link_loop(source, directory, subdirs)
         for name in sorted(names):
             abspath = os.path.join(directory, name)
             relative = os.path.relpath(abspath, source).replace(os.sep, "/")
@@ -74,9 +75,29 @@ def collect_sources(source: str) -> list[SourceFile]:
                 raise UsageError(f"cannot read {abspath!r}: {exc.strerror}") from None
             if stat.S_ISREG(file_info.st_mode):
                 files.append(_source_file(relative, abspath, file_info))
+            else:
+                log.warning("skipping %s: not a regular file", abspath)
     if not files:
         raise UsageError(f"source directory {source!r} contains no files")
     return files
+
+
+def _check_no_link_loop(source: str, directory: str, subdirs: list[str]) -> None:
+    """Raise `UsageError` if a subdirectory links back to a directory above it."""
+    above = os.path.realpath(directory)
+    ancestors = set()
+    while True:
+        ancestors.add(above)
+        if above == os.path.realpath(source) or above == os.path.dirname(above):
+            break
+        above = os.path.dirname(above)
+    for name in subdirs:
+        path = os.path.join(directory, name)
+        if os.path.islink(path) and os.path.realpath(path) in ancestors:
+            raise UsageError(
+                f"cannot push {source!r}: the symbolic link {path!r} loops back to "
+                f"{os.path.realpath(path)!r}"
+            )
 
 
 def _raise(exc: OSError) -> None:

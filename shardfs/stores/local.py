@@ -14,6 +14,10 @@ from shardfs.errors import (
 from shardfs.stores.base import ObjectInfo
 
 
+# The top-level directories of a store; see `shardfs.stores.base`.
+STORE_DIRS = {"models", "chunks", "retired"}
+
+
 class LocalStore:
     def __init__(self, root: str, url: str | None = None):
         self.root = os.path.abspath(root)
@@ -27,13 +31,22 @@ class LocalStore:
             raise StoreNotFound(self.url, "no such directory")
         if not os.access(self.root, os.R_OK | os.X_OK):
             raise StoreAccessDenied(self.url, "directory is not readable")
+        # A directory with other files and no store layout is most likely a
+        # wrong path; treating it as an empty store would hide the mistake.
+        entries = set(os.listdir(self.root))
+        if entries and not entries & STORE_DIRS:
+            raise StoreNotFound(
+                self.url, "the directory is not a shardfs store (no models/ or chunks/ in it)"
+            )
 
     def create(self) -> None:
         """Create the store directory if it does not exist yet."""
         try:
             os.makedirs(self.root, exist_ok=True)
+        except FileExistsError:
+            raise StoreNotFound(self.url, "it exists and is not a directory") from None
         except OSError as exc:
-            raise self._error(exc, self.root) from None
+            raise StoreError(f"cannot create store {self.url}: {exc.strerror}") from None
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StoreAccessDenied(self.url, "directory is not writable")
 

@@ -5,6 +5,8 @@ role). botocore errors are classified by their error code and HTTP status,
 never by message text, into the store errors of `shardfs.errors`.
 """
 
+import os
+import urllib.parse
 from collections.abc import Iterator
 
 import boto3
@@ -12,14 +14,15 @@ import botocore.config
 import botocore.exceptions
 
 from shardfs.config import StoreConfig
-from shardfs.stores.base import ObjectInfo
 from shardfs.errors import (
     ObjectNotFound,
     StoreAccessDenied,
     StoreError,
     StoreNotFound,
     StoreUnavailable,
+    UsageError,
 )
+from shardfs.stores.base import ObjectInfo
 
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _NO_BUCKET_CODES = {"NoSuchBucket"}
@@ -53,12 +56,20 @@ class S3Store:
             read_timeout=config.read_timeout_s,
             retries={"mode": "standard", "max_attempts": 3},
         )
+        endpoint = config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint is not None:
+            check_endpoint_url(endpoint)
         # A client is safe to share between threads, but creating one is not;
         # it is made once here, on the caller's thread.
-        session = boto3.session.Session()
-        self._client = session.client(
-            "s3", endpoint_url=config.endpoint_url, config=client_config
-        )
+        try:
+            session = boto3.session.Session()
+            self._client = session.client(
+                "s3", endpoint_url=config.endpoint_url, config=client_config
+            )
+        except botocore.exceptions.ProfileNotFound as exc:
+            raise UsageError(f"{exc}; check AWS_PROFILE or ~/.aws/config") from None
+        except (ValueError, botocore.exceptions.BotoCoreError) as exc:
+            raise UsageError(f"cannot set up the S3 client for {config.url}: {exc}") from None
 
     def check(self) -> None:
         try:
@@ -178,6 +189,15 @@ class S3Store:
         if status is not None and status >= 500:
             return StoreUnavailable(self.url, f"HTTP {status} {code} on {key!r}")
         return StoreError(f"store {self.url}: {code} on {key!r}")
+
+
+def check_endpoint_url(url: str) -> None:
+    """Raise `UsageError` unless *url* is an http:// or https:// URL with a host."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise UsageError(
+            f"invalid endpoint URL {url!r}: expected http://HOST:PORT or https://HOST"
+        )
 
 
 def _code(exc: botocore.exceptions.ClientError) -> str:
