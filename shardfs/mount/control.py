@@ -6,7 +6,6 @@ address. It runs in the daemon's nursery, in the trio thread, and reads the
 same objects the FUSE operations use.
 """
 
-import functools
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ import struct
 import trio
 
 from shardfs import control_protocol
+from shardfs.errors import UsageError
 from shardfs.mount.metrics import render_prometheus
 from shardfs.mount.priority import PREFETCH
 
@@ -36,6 +36,7 @@ class ControlServer:
         self._warm_workers = max(1, max_connections)
         self._uid = os.getuid()
         self.path = control_protocol.socket_path(mountpoint)
+        self._metrics_socket: socket.socket | None = None
 
     def figures(self) -> dict:
         """Return the daemon's counters and gauges, as status and metrics show them."""
@@ -74,15 +75,32 @@ class ControlServer:
             )
         return result
 
-    async def serve(self, metrics_address: tuple[str, int] | None) -> None:
+    def bind_metrics(self, address: tuple[str, int] | None) -> None:
+        """Bind the metrics address now; raise `UsageError` if it cannot be used."""
+        if address is None:
+            return
+        host, port = address
+        try:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(16)
+        except OSError as exc:
+            sock.close()
+            raise UsageError(
+                f"cannot serve metrics at {host}:{port}: {exc.strerror}"
+            ) from None
+        self._metrics_socket = sock
+        log.info("metrics at http://%s:%d/metrics", host, port)
+
+    async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
             listener = await self._listen()
             nursery.start_soon(trio.serve_listeners, self._handle, [listener])
-            if metrics_address is not None:
-                host, port = metrics_address
-                serve = functools.partial(trio.serve_tcp, self._handle_metrics, port, host=host)
-                nursery.start_soon(serve)
-                log.info("metrics at http://%s:%d/metrics", host, port)
+            if self._metrics_socket is not None:
+                metrics = trio.SocketListener(trio.socket.from_stdlib_socket(self._metrics_socket))
+                nursery.start_soon(trio.serve_listeners, self._handle_metrics, [metrics])
 
     async def _listen(self) -> trio.SocketListener:
         directory = os.path.dirname(self.path)

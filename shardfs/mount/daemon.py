@@ -58,6 +58,27 @@ def check_mountpoint(path: str) -> None:
         raise UsageError(f"mountpoint {path!r} is not a directory")
     if os.path.ismount(path):
         raise UsageError(f"mountpoint {path!r} is already a mount point")
+    inside = _enclosing_shardfs_mount(path)
+    if inside is not None:
+        raise UsageError(f"mountpoint {path!r} is inside the shardfs mount {inside!r}")
+    if os.listdir(path):
+        raise UsageError(
+            f"mountpoint {path!r} is not empty; its files would be hidden while mounted"
+        )
+
+
+def _enclosing_shardfs_mount(path: str) -> str | None:
+    """Return the shardfs mount that contains *path*, or None."""
+    target = os.path.abspath(path)
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) < 3 or fields[2] != "fuse.shardfs":
+                continue
+            mounted = fields[1].encode().decode("unicode_escape")
+            if target.startswith(mounted.rstrip("/") + "/"):
+                return mounted
+    return None
 
 
 def _mount_type(path: str) -> str | None:
@@ -177,6 +198,11 @@ def serve(store_config: StoreConfig, config: MountConfig, on_ready=None) -> None
         outstanding = max(1, store_config.max_connections * 3 // 4)
         prefetcher = Prefetcher(chunks, config.prefetch, outstanding)
     operations = Operations(tree, chunks, config, prefetcher)
+    control = ControlServer(
+        config.mountpoint, operations, chunks, tree, store_config.max_connections
+    )
+    # Bound before mounting, so an unusable address fails the mount at once.
+    control.bind_metrics(config.metrics_address)
     try:
         pyfuse3.init(operations, config.mountpoint, mount_options(config))
     except RuntimeError as exc:
@@ -184,9 +210,6 @@ def serve(store_config: StoreConfig, config: MountConfig, on_ready=None) -> None
 
     log.info("mounted %s at %s", store.url, config.mountpoint)
     stats_path = os.path.join(config.cache_dir, "stats.json")
-    control = ControlServer(
-        config.mountpoint, operations, chunks, tree, store_config.max_connections
-    )
     status = f"serving {len(listing.digests)} models of {store.url} at {config.mountpoint}"
     readiness = Readiness(on_ready, notifier, status)
     try:
@@ -222,7 +245,7 @@ async def _run_session(config, chunks, refresher, control, stats_path, readiness
     async with trio.open_nursery() as nursery:
         chunks.start(nursery)
         nursery.start_soon(_guarded, "listing refresh", refresher.run)
-        nursery.start_soon(_guarded, "control channel", control.serve, config.metrics_address)
+        nursery.start_soon(_guarded, "control channel", control.serve)
         nursery.start_soon(_handle_signals, control, stats_path, readiness.notifier)
         nursery.start_soon(_report_ready, config, readiness)
         await pyfuse3.main()
