@@ -209,7 +209,12 @@ def _serve_foreground(store: StoreConfig, config: MountConfig, ready_fd: int | N
     from shardfs.mount.daemon import serve
     from shardfs.mount.notify import use_journal_format
 
-    use_journal_format()
+    if not use_journal_format() and ready_fd:
+        # A daemon started in the background writes to its log file, where
+        # each line needs its time.
+        timestamped = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(timestamped)
     ready_pipe = os.fdopen(ready_fd, "wb", buffering=0) if ready_fd else None
 
     def on_ready() -> None:
