@@ -112,6 +112,24 @@ def _endpoint_url(value: Any, from_text: bool) -> str:
     return text
 
 
+def _store_values(value: Any, from_text: bool) -> list[str]:
+    values = value if isinstance(value, list) else [value]
+    if len(values) < 2 or not all(isinstance(item, str) and item.strip() for item in values):
+        raise ValueError(
+            "expected two or more member stores, each "
+            "URL[,endpoint=http://HOST:PORT][,weight=N][,id=NAME]"
+        )
+    # The daemon runs in /, so local member paths are made absolute here.
+    return [_absolute_member(item) for item in values]
+
+
+def _absolute_member(value: str) -> str:
+    url, comma, options = value.partition(",")
+    if "://" in url:
+        return value
+    return os.path.abspath(url) + comma + options
+
+
 def _boolean(value: Any, from_text: bool) -> bool:
     if not isinstance(value, bool):
         raise ValueError("expected true or false")
@@ -233,6 +251,8 @@ SETTINGS: dict[str, Setting] = {
     setting.key: setting
     for setting in (
         Setting("store", _store_url),
+        Setting("stores", _store_values, "--store"),
+        Setting("replicas", _count(1), "--replicas"),
         Setting("mountpoint", _path),
         Setting("endpoint_url", _endpoint_url, "--endpoint-url"),
         Setting("cache_dir", _path, "--cache-dir"),
@@ -366,8 +386,17 @@ def default_mount_cache_dir() -> str:
     return default_cache_dir()
 
 
-def store_config(resolved: dict[str, Any]) -> StoreConfig:
-    """Build the store's config from resolved settings; the store URL must be set."""
+def store_config(resolved: dict[str, Any]):
+    """Build the store's config from resolved settings; a store URL or members must be set."""
+    if "stores" in resolved:
+        from shardfs.stores.placed import parse_member, placed_config
+
+        connections = resolved.get("max_connections", StoreConfig.max_connections)
+        members = [
+            parse_member(value, resolved.get("endpoint_url"), connections)
+            for value in resolved["stores"]
+        ]
+        return placed_config(members, resolved.get("replicas"), connections)
     options = {"url": resolved["store"]}
     if "endpoint_url" in resolved:
         options["endpoint_url"] = resolved["endpoint_url"]

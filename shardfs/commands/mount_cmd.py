@@ -68,6 +68,16 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """Add one flag per setting; each defaults to None, meaning not given."""
     store = parser.add_argument_group("store")
     store.add_argument(
+        "--store", dest="stores", action="append", metavar="URL",
+        help="a member of a store placed over several, "
+        "URL[,endpoint=http://HOST:PORT][,weight=N][,id=NAME]; repeat once per "
+        "member, in place of STORE",
+    )
+    store.add_argument(
+        "--replicas", dest="replicas", metavar="N",
+        help="copies of each chunk in a store given with --store (default: 2)",
+    )
+    store.add_argument(
         "--endpoint-url", dest="endpoint_url", metavar="URL",
         help="S3-compatible server to use instead of AWS (default: boto3's own, "
         "which reads AWS_ENDPOINT_URL)",
@@ -198,7 +208,11 @@ def resolve_settings(
     Raises `UsageError` for an invalid value or a missing store or mountpoint.
     """
     resolved = config_file.resolve(config_file.read_config_file(config_path), overrides)
+    if "stores" in resolved and "store" in resolved:
+        raise UsageError("give either STORE or --store members, not both")
     for key, argument in (("store", "STORE"), ("mountpoint", "MOUNTPOINT")):
+        if key == "store" and "stores" in resolved:
+            continue
         if key not in resolved:
             where = config_path or config_file.DEFAULT_CONFIG_PATH
             raise UsageError(f"missing {argument}: give it as an argument or set {key} in {where}")
@@ -247,7 +261,10 @@ def _forwarded_arguments(
         setting = SETTINGS[key]
         if setting.flag is None:
             continue
-        if isinstance(item.value, bool):
+        if isinstance(item.value, list):
+            for value in resolved[key]:
+                arguments += [setting.flag, value]
+        elif isinstance(item.value, bool):
             arguments.append(_flag_form(setting.flag, item.value))
         elif key == "cache_dir":
             arguments += [setting.flag, resolved[key]]

@@ -6,6 +6,7 @@ from shardfs.errors import UsageError
 from shardfs.manifest import MAX_CHUNK_LENGTH, check_model_name
 from shardfs.publish.push import collect_sources, push
 from shardfs.stores import LocalStore, open_store
+from shardfs.stores.placed import PlacedStore
 
 MIN_CHUNK_SIZE = 64 * 1024
 
@@ -40,11 +41,10 @@ def run(args) -> int:
     chunk_size = parse_size(args.chunk_size)
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_LENGTH:
         raise UsageError(
-            f"invalid chunk size {args.chunk_size!r}: expected "
-            f"{MIN_CHUNK_SIZE} bytes to 1 GiB"
+            f"invalid chunk size {args.chunk_size!r}: expected 64KiB to 1GiB"
         )
     store = open_store(store_config(args))
-    if isinstance(store, LocalStore):
+    if isinstance(store, (LocalStore, PlacedStore)):
         # Check the input first, so a failed push leaves no new directory.
         check_push_input(args.source, args.name)
         store.create()

@@ -278,7 +278,9 @@ class ChunkSource:
                 corrupt += isinstance(exc, ChunkCorrupt)
                 delay = backoff_delay(self._retry, attempt)
                 out_of_time = trio.current_time() + delay >= deadline
-                if out_of_time or corrupt >= MAX_CORRUPT_ATTEMPTS:
+                # With replicas, each copy gets its chance to be the good one.
+                corrupt_limit = max(MAX_CORRUPT_ATTEMPTS, getattr(self._store, "replicas", 1))
+                if out_of_time or corrupt >= corrupt_limit:
                     raise ChunkUnavailable(
                         chunk.key, attempt, trio.current_time() - started, exc
                     ) from None
