@@ -246,12 +246,39 @@ async def _run_session(config, chunks, refresher, control, stats_path, readiness
         chunks.start(nursery)
         nursery.start_soon(_guarded, "listing refresh", refresher.run)
         nursery.start_soon(_guarded, "control channel", control.serve)
+        nursery.start_soon(_guarded, "activity summary", _log_activity, control)
         nursery.start_soon(_handle_signals, control, stats_path, readiness.notifier)
         nursery.start_soon(_report_ready, config, readiness)
         await pyfuse3.main()
         # Threads still fetching may delay the exit, so systemd hears first.
         readiness.notifier.stopping()
         nursery.cancel_scope.cancel()
+
+
+# Seconds between the summary lines logged while readers are active.
+SUMMARY_INTERVAL_S = 60.0
+
+
+async def _log_activity(control: ControlServer) -> None:
+    """Log one INFO line per interval in which readers were served, not one per read."""
+    last_reads = 0
+    while True:
+        await trio.sleep(SUMMARY_INTERVAL_S)
+        figures = control.figures()
+        if figures["reads"] == last_reads:
+            continue
+        last_reads = figures["reads"]
+        log.info(
+            "served %d bytes in %d reads; fetched %d bytes in %d requests, %d retries, "
+            "%d failed reads; cache hit ratio %.2f",
+            figures["bytes_read"],
+            figures["reads"],
+            figures["bytes_fetched"],
+            figures["chunks_fetched"],
+            figures["retries"],
+            figures["read_errors"],
+            figures["cache_hit_ratio"],
+        )
 
 
 async def _guarded(name: str, function, *args) -> None:
