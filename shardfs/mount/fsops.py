@@ -73,7 +73,13 @@ def _fuse_errors(handler):
         except ShardfsError as exc:
             code = errno_for(exc)
             if _error_log.should_log(exc):
-                log.error("%s failed with %s: %s", handler.__name__, errno.errorcode[code], exc)
+                log.error(
+                    "%s failed with %s in %s: %s",
+                    handler.__name__,
+                    errno.errorcode[code],
+                    self._config.mountpoint,
+                    exc,
+                )
             raise pyfuse3.FUSEError(code) from None
         except Exception:
             log.exception("%s failed with an unexpected error", handler.__name__)
