@@ -1,0 +1,1 @@
+"""Parts of scripts/reliability.py: servers and mounts, readers, the runs and the report."""
