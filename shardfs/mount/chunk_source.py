@@ -291,14 +291,24 @@ class ChunkSource:
     async def _fetch_once(self, chunk: ChunkRef, ticket: Ticket) -> bytes:
         await self.connections.acquire(ticket)
         started = trio.current_time()
+        token = trio.lowlevel.current_trio_token()
+        key = chunk_object_key(chunk.key)
+
+        def get_then_release() -> bytes:
+            # The slot is released when the request ends, not when a reader
+            # stops waiting: a request abandoned at the deadline still holds
+            # a connection until the store client's socket timeout ends it.
+            try:
+                return self._store.get(key)
+            finally:
+                try:
+                    trio.from_thread.run_sync(self.connections.release, trio_token=token)
+                except trio.RunFinishedError:
+                    pass
+
         try:
-            # A hung request is abandoned at the deadline; its thread ends
-            # when the store client's own socket timeout fires.
-            stored = await trio.to_thread.run_sync(
-                self._store.get, chunk_object_key(chunk.key), abandon_on_cancel=True
-            )
+            stored = await trio.to_thread.run_sync(get_then_release, abandon_on_cancel=True)
         finally:
-            self.connections.release()
             self.fetch_latency.observe(trio.current_time() - started)
         self.stats.chunks_fetched += 1
         self.stats.bytes_fetched += len(stored)
