@@ -151,6 +151,8 @@ def parse_manifest(model: str, data: bytes) -> Manifest:
         doc = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ManifestInvalid(model, f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ManifestInvalid(model, "nested too deeply") from None
     try:
         return _manifest_from_doc(model, doc)
     except (ValueError, TypeError, KeyError) as exc:

@@ -115,7 +115,7 @@ def _clear_stale_mount(path: str) -> None:
         )
 
 
-def load_listing(store: Store, copy: ManifestCopy) -> dict[str, bytes]:
+def load_listing(store: Store, copy: ManifestCopy) -> tuple[dict[str, bytes], set[str]]:
     """Return the raw manifests of the store, or the last good copy if it is down.
 
     With no copy (a mount that never reached the store), an unreachable
@@ -124,7 +124,7 @@ def load_listing(store: Store, copy: ManifestCopy) -> dict[str, bytes]:
     """
     try:
         store.check()
-        manifests = fetch_manifests(store)
+        manifests, unavailable = fetch_manifests(store, copy.load() if copy.exists() else None)
     except StoreUnavailable as exc:
         if not copy.exists():
             raise
@@ -134,9 +134,9 @@ def load_listing(store: Store, copy: ManifestCopy) -> dict[str, bytes]:
             len(manifests),
             exc,
         )
-        return manifests
+        return manifests, set()
     copy.save(manifests)
-    return manifests
+    return manifests, unavailable
 
 
 def mount_options(config: MountConfig) -> set[str]:
@@ -175,7 +175,9 @@ def serve(store_config: StoreConfig, config: MountConfig, on_ready=None) -> None
     os.makedirs(config.cache_dir, mode=0o700, exist_ok=True)
     tree = Tree()
     listing = ListingState()
-    apply_listing(tree, listing, load_listing(store, copy))
+    manifests, unavailable = load_listing(store, copy)
+    apply_listing(tree, listing, manifests)
+    tree.unavailable = unavailable
     log.info(
         "store %s: %d models, %d files, %d bytes",
         store.url,
@@ -344,7 +346,9 @@ class Refresher:
 
     async def refresh(self) -> None:
         try:
-            raw = await trio.to_thread.run_sync(fetch_manifests, self._store)
+            raw, unavailable = await trio.to_thread.run_sync(
+                fetch_manifests, self._store, self._listing.raw
+            )
         except StoreError as exc:
             self._failures += 1
             # One line when the store goes away, then one per hundred tries.
@@ -355,6 +359,7 @@ class Refresher:
             log.info("listing the store works again after %d failures", self._failures)
             self._failures = 0
         stale = apply_listing(self._tree, self._listing, raw)
+        self._tree.unavailable = unavailable
         for parent_inode, name in stale:
             pyfuse3.invalidate_entry_async(parent_inode, os.fsencode(name), ignore_enoent=True)
         if stale or len(raw) != len(self._listing.digests):

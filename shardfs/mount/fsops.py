@@ -149,6 +149,10 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx=None):
         node = self._tree.lookup(parent_inode, os.fsdecode(name))
         if node is None:
+            if self._tree.is_unavailable(parent_inode, os.fsdecode(name)):
+                # The store lists the model but its manifest cannot be read
+                # now: an error to retry, not a missing name.
+                raise pyfuse3.FUSEError(errno.EIO)
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attributes(node)
 

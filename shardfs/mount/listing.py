@@ -13,8 +13,9 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 
-from shardfs.errors import ManifestInvalid, ObjectNotFound
+from shardfs.errors import ManifestInvalid, ObjectNotFound, StoreError, StoreUnavailable
 from shardfs.manifest import Manifest, parse_manifest
 from shardfs.mount.tree import Tree
 from shardfs.stores import Store, list_models
@@ -23,15 +24,48 @@ from shardfs.stores.base import manifest_object_key
 log = logging.getLogger(__name__)
 
 
-def fetch_manifests(store: Store) -> dict[str, bytes]:
-    """Return the raw manifest of every model in *store*, by name; blocks."""
+# Attempts and first pause for one manifest whose read fails transiently.
+MANIFEST_ATTEMPTS = 3
+MANIFEST_RETRY_DELAY_S = 0.2
+
+
+def fetch_manifests(
+    store: Store, fallback: dict[str, bytes] | None = None
+) -> tuple[dict[str, bytes], set[str]]:
+    """Return the raw manifest of every model in *store*, by name, and the
+    names whose manifest could not be read; blocks.
+
+    A listing that fails raises. A single manifest that still fails after
+    a few attempts keeps its version from *fallback* (the last good
+    listing); with none, its name is returned as unavailable, so one bad
+    object does not take down every model.
+    """
     manifests = {}
+    unavailable = set()
     for name in list_models(store):
         try:
-            manifests[name] = store.get(manifest_object_key(name))
+            manifests[name] = _get_manifest(store, name)
         except ObjectNotFound:
             log.debug("model %r was removed while the store was listed", name)
-    return manifests
+        except StoreError as exc:
+            if fallback and name in fallback:
+                manifests[name] = fallback[name]
+                log.warning("reading the manifest of %r failed, keeping its last version: %s", name, exc)
+            else:
+                log.warning("reading the manifest of %r failed, model unavailable: %s", name, exc)
+                unavailable.add(name)
+    return manifests, unavailable
+
+
+def _get_manifest(store: Store, name: str) -> bytes:
+    for attempt in range(1, MANIFEST_ATTEMPTS + 1):
+        try:
+            return store.get(manifest_object_key(name))
+        except StoreUnavailable:
+            if attempt == MANIFEST_ATTEMPTS:
+                raise
+            time.sleep(MANIFEST_RETRY_DELAY_S * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
 
 
 class ManifestCopy:
@@ -41,7 +75,11 @@ class ManifestCopy:
         self.directory = directory
 
     def save(self, manifests: dict[str, bytes]) -> None:
-        temp_dir = tempfile.mkdtemp(dir=os.path.dirname(self.directory), prefix=".manifests-")
+        try:
+            temp_dir = tempfile.mkdtemp(dir=os.path.dirname(self.directory), prefix=".manifests-")
+        except OSError as exc:
+            log.warning("cannot keep a copy of the model listing: %s", exc)
+            return
         try:
             for name, data in manifests.items():
                 path = os.path.join(temp_dir, name, "manifest.json")
@@ -76,6 +114,8 @@ class ListingState:
 
     def __init__(self) -> None:
         self.digests: dict[str, str] = {}
+        # The manifest bytes each model in the tree was built from.
+        self.raw: dict[str, bytes] = {}
         self._reported: set[tuple[str, str]] = set()
 
     def report_once(self, name: str, digest: str, message: str, *args) -> None:
@@ -112,6 +152,7 @@ def apply_listing(tree: Tree, state: ListingState, raw: dict[str, bytes]) -> lis
             state.report_once(name, digests[name], "model %r refused: %s", name, exc)
             continue
         state.digests[name] = digests[name]
+        state.raw[name] = raw[name]
         log.info("model %s %s: %d files", name, "replaced" if replaced else "added", len(manifest.files))
     return stale
 
@@ -126,4 +167,5 @@ def _parse(state: ListingState, name: str, digest: str, data: bytes) -> Manifest
 
 def _remove(tree: Tree, state: ListingState, name: str, prune: bool = True) -> tuple[int, str]:
     del state.digests[name]
+    state.raw.pop(name, None)
     return tree.remove_model(name, prune)

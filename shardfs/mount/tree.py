@@ -36,6 +36,7 @@ class Node:
     entry: FileEntry | None = None
     model: str = ""
     offsets: list[int] = dataclasses.field(default_factory=list)
+    path: str = ""  # relative to the mount's root
 
     @property
     def is_dir(self) -> bool:
@@ -55,6 +56,9 @@ class Tree:
         self._nodes: dict[int, Node] = {}
         self._retired: collections.OrderedDict[int, Node] = collections.OrderedDict()
         self._models: dict[str, _Model] = {}
+        # Models listed in the store whose manifest could not be read; a
+        # lookup on their path fails with EIO instead of ENOENT.
+        self.unavailable: set[str] = set()
         self._nodes[ROOT_INODE] = self._new_dir(ROOT_INODE, "", 0)
 
     @staticmethod
@@ -64,6 +68,14 @@ class Tree:
     @property
     def models(self) -> dict[str, Manifest]:
         return {name: model.manifest for name, model in self._models.items()}
+
+    def is_unavailable(self, parent: int, name: str) -> bool:
+        """Whether *name* in *parent* leads to a model whose manifest could not be read."""
+        directory = self.node(parent)
+        if directory is None or not self.unavailable:
+            return False
+        path = f"{directory.path}/{name}" if directory.path else name
+        return any(model == path or model.startswith(path + "/") for model in self.unavailable)
 
     def node(self, inode: int) -> Node | None:
         """Return the node of *inode*, current or retired, or None."""
@@ -157,6 +169,7 @@ class Tree:
             child = self.lookup(directory.inode, name)
             if child is None:
                 child = self._new_dir(next(self._inodes), name, mtime_ns)
+                child.path = f"{directory.path}/{name}" if directory.path else name
                 self._nodes[child.inode] = child
                 directory.children[name] = child.inode
                 if owned is not None:
