@@ -164,10 +164,28 @@ def open_disk_cache(config: MountConfig) -> DiskCache | None:
     return cache
 
 
+class _InterruptedReplyFilter(logging.Filter):
+    """Demote pyfuse3's error for a reply to a request the kernel dropped.
+
+    When a reader is interrupted or exits while its read is in flight, the
+    kernel forgets the request and the reply fails with ENOENT. That is an
+    expected outcome, not a failure of the mount.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "fuse_reply_" in message and "No such file or directory" in message:
+            record.levelno = logging.DEBUG
+            record.levelname = "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def serve(store_config: StoreConfig, config: MountConfig, on_ready=None) -> None:
     """Mount the store and serve it until unmounted."""
     faulthandler.enable()
     fix_mmap_threshold()
+    logging.getLogger("pyfuse3").addFilter(_InterruptedReplyFilter())
     notifier = Notifier.from_environment()
     check_mountpoint(config.mountpoint)
     store = open_store(store_config)
