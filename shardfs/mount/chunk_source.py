@@ -85,8 +85,8 @@ class ChunkSource:
         self._prefetch_bytes = 0
         # Chunks fetched but not yet written to the disk cache: still served
         # from here, so a chunk just evicted from memory is not fetched twice.
-        self._pending_writes: dict[str, bytes] = {}
-        self._written: dict[str, trio.Event] = {}
+        # Key -> (data, event set once the write is done).
+        self._pending_writes: dict[str, tuple[bytes, trio.Event]] = {}
         self.stats = ChunkSourceStats()
         self.fetch_latency = Histogram()
 
@@ -100,6 +100,10 @@ class ChunkSource:
             return True
         return self.disk is not None and key in self.disk
 
+    def _pending_data(self, key: str) -> bytes | None:
+        pending = self._pending_writes.get(key)
+        return None if pending is None else pending[0]
+
     def is_cached(self, key: str) -> bool:
         """Whether *key* is in memory or in the disk cache."""
         return key in self.memory or self.disk_holds(key)
@@ -108,13 +112,13 @@ class ChunkSource:
         return self.disk is not None and key in self.disk
 
     async def ensure_on_disk(self, chunk: ChunkRef, priority: int = PREFETCH) -> None:
-        """Fetch *chunk* if needed and return once the disk cache holds it."""
+        """Fetch *chunk* if needed and return once it is in the disk cache."""
         if self.disk_holds(chunk.key):
             return
         data = await self.get(chunk, priority)
-        written = self._written.get(chunk.key)
-        if written is not None:
-            await written.wait()
+        pending = self._pending_writes.get(chunk.key)
+        if pending is not None:
+            await pending[1].wait()
         if not self.disk_holds(chunk.key):
             async with self._disk_io:
                 await trio.to_thread.run_sync(self.disk.write, chunk.key, data)
@@ -139,7 +143,7 @@ class ChunkSource:
         """
         data = self.memory.get(chunk.key)
         if data is None:
-            data = self._pending_writes.get(chunk.key)
+            data = self._pending_data(chunk.key)
         if data is not None:
             self.stats.memory_hits += 1
             return data[start:end]
@@ -159,7 +163,7 @@ class ChunkSource:
         while True:
             data = self.memory.get(chunk.key)
             if data is None:
-                data = self._pending_writes.get(chunk.key)
+                data = self._pending_data(chunk.key)
             if data is not None:
                 self.stats.memory_hits += 1
                 return data
@@ -172,7 +176,7 @@ class ChunkSource:
             if priority == DEMAND:
                 self.connections.raise_priority(flight.ticket)
             await flight.done.wait()
-            # A leader that was cancelled says nothing about the chunk, so
+            # A cancelled leader tells nothing about the chunk, so
             # its waiters start a new flight instead of sharing the cancel.
             if isinstance(flight.error, trio.Cancelled):
                 continue
@@ -239,8 +243,7 @@ class ChunkSource:
 
         data = await self._fetch(chunk, flight.ticket)
         if self.disk is not None and self.disk.can_hold(chunk.length) and self._nursery:
-            self._pending_writes[chunk.key] = data
-            self._written[chunk.key] = trio.Event()
+            self._pending_writes[chunk.key] = (data, trio.Event())
             self._nursery.start_soon(self._write_to_disk, chunk.key, data)
         return data
 
@@ -249,8 +252,7 @@ class ChunkSource:
             async with self._disk_io:
                 await trio.to_thread.run_sync(self.disk.write, key, data)
         finally:
-            del self._pending_writes[key]
-            self._written.pop(key).set()
+            self._pending_writes.pop(key)[1].set()
 
     async def _fetch(self, chunk: ChunkRef, ticket: Ticket) -> bytes:
         """Fetch and decode *chunk*, retrying transient failures until the deadline.

@@ -67,30 +67,32 @@ def check_mountpoint(path: str) -> None:
         )
 
 
-def _enclosing_shardfs_mount(path: str) -> str | None:
-    """Return the shardfs mount that contains *path*, or None."""
-    target = os.path.abspath(path)
+def _mounts():
+    """Yield (mount point, filesystem type) for each line of /proc/self/mounts."""
     with open("/proc/self/mounts") as mounts:
         for line in mounts:
             fields = line.split()
-            if len(fields) < 3 or fields[2] != "fuse.shardfs":
-                continue
-            mounted = fields[1].encode().decode("unicode_escape")
-            if target.startswith(mounted.rstrip("/") + "/"):
-                return mounted
+            if len(fields) >= 3:
+                # Mount points with spaces are written with octal escapes.
+                yield fields[1].encode().decode("unicode_escape"), fields[2]
+
+
+def _enclosing_shardfs_mount(path: str) -> str | None:
+    """Return the shardfs mount that contains *path*, or None."""
+    target = os.path.abspath(path)
+    for mounted, kind in _mounts():
+        if kind == "fuse.shardfs" and target.startswith(mounted.rstrip("/") + "/"):
+            return mounted
     return None
 
 
 def _mount_type(path: str) -> str | None:
-    """Return the filesystem type mounted at *path*, from /proc/self/mounts."""
+    """Return the filesystem type mounted at *path*; the last mount on it wins."""
     target = os.path.abspath(path)
     found = None
-    with open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            fields = line.split()
-            # Mount points with spaces are written with octal escapes.
-            if len(fields) >= 3 and fields[1].encode().decode("unicode_escape") == target:
-                found = fields[2]
+    for mounted, kind in _mounts():
+        if mounted == target:
+            found = kind
     return found
 
 
@@ -110,7 +112,7 @@ def _clear_stale_mount(path: str) -> None:
     result = subprocess.run([fusermount, "-u", "-z", path], capture_output=True, text=True)
     if result.returncode != 0:
         raise UsageError(
-            f"mountpoint {path!r} holds a stale mount that could not be cleared: "
+            f"mountpoint {path!r} has a stale mount that could not be cleared: "
             f"{result.stderr.strip()}; clear it with 'fusermount3 -u -z {path}'"
         )
 
