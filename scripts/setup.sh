@@ -1,12 +1,17 @@
 #!/bin/sh
 # Install what shardfs needs on a Debian host, as root, into ./.venv:
-# the FUSE 3 library and tools, then the package with its test extras.
+# the FUSE 3 library and tools, a C compiler, then the package with its
+# test extras.
 set -eu
 cd "$(dirname "$0")/.."
 
-packages="fuse3 libfuse3-dev pkg-config"
+# gcc and the Python headers build pyfuse3 and shardfs's compiled decoder.
+packages="fuse3 libfuse3-dev pkg-config gcc"
 if ! python3 -m venv --help >/dev/null 2>&1; then
     packages="$packages python3-venv"
+fi
+if ! python3 -c 'import os, sysconfig; os.stat(sysconfig.get_paths()["include"] + "/Python.h")' 2>/dev/null; then
+    packages="$packages python3-dev"
 fi
 export DEBIAN_FRONTEND=noninteractive
 if ! apt-get install -y -q $packages >/dev/null; then

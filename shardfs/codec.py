@@ -41,6 +41,7 @@ import numpy
 import xxhash
 import zstandard
 
+from shardfs import _grouping
 from shardfs.errors import ChunkCorrupt, ChunkEncodingUnknown
 
 HEADER = struct.Struct("<4sBBHQ")
@@ -416,32 +417,15 @@ class _ZstdStream:
 def regroup_into(elements: numpy.ndarray, streams: list, transform: Transform) -> None:
     """Rebuild *elements* (unsigned, of the transform's size) from byte *streams*.
 
-    Each block is assembled as ``sum(stream[i] << 8 * i)`` in the element's
-    own width, and is then rotated back while it is still in cache. numpy
-    runs these as contiguous vector loops: for 2-byte elements that is
-    about 2.5 times faster than copying each stream into a strided byte
-    column.
+    The compiled loop interleaves and rotates one block at a time, so that
+    each block of a zstd-coded stream is used while it is still in cache.
     """
+    output = elements.view(numpy.uint8)
     size = transform.element_size
-    dtype = _UNSIGNED[size]
-    part = _scratch_buffer(f"part{size}", dtype)
-    top = size - 1
     for start in range(0, len(elements), _DECODE_BLOCK_ELEMENTS):
         end = min(start + _DECODE_BLOCK_ELEMENTS, len(elements))
-        block = elements[start:end]
-        shifted = part[: end - start]
-        numpy.left_shift(streams[top][start:end], 8 * top, out=block, dtype=dtype, casting="unsafe")
-        for index in range(1, top):
-            numpy.left_shift(
-                streams[index][start:end], 8 * index, out=shifted, dtype=dtype, casting="unsafe"
-            )
-            numpy.bitwise_or(block, shifted, out=block)
-        numpy.bitwise_or(block, streams[0][start:end], out=block, casting="unsafe")
-        if transform.rotate:
-            # Rotate right by one bit: (x >> 1) | (x << (bits - 1)).
-            numpy.right_shift(block, 1, out=shifted)
-            numpy.left_shift(block, 8 * size - 1, out=block)
-            numpy.bitwise_or(block, shifted, out=block)
+        blocks = [stream[start:end] for stream in streams]
+        _grouping.ungroup(output[start * size : end * size], blocks, transform.rotate)
 
 
 def verify(key: str, expected_length: int, decoded: bytes) -> bytes:

@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 
 from conftest import mounted, needs_fuse, run_shardfs
-from shardfs import codec
+from shardfs import _grouping, codec
 from shardfs.errors import ChunkCorrupt, ChunkEncodingUnknown, ManifestInvalid
 from shardfs.manifest import ChunkRef, FileEntry, Manifest, parse_manifest, to_json
 
@@ -224,6 +224,56 @@ def test_decode_in_many_blocks_is_exact():
     data = tensor_bytes(torch.float32, 4 * (3 * (1 << 17) + 5) + 3)
     encoded = codec.encode_as(data, "split", "rotl1-bytegroup4", element_offset=2)
     assert codec.decode(encoded.key, len(data), encoded.data) == data
+
+
+def _ungroup_reference(streams: list[bytes], rotate: bool) -> bytes:
+    """Interleave *streams* the slow, obvious way: one element at a time."""
+    size = len(streams)
+    bits = 8 * size
+    mask = (1 << bits) - 1
+    out = bytearray()
+    for index in range(len(streams[0])):
+        value = int.from_bytes(bytes(stream[index] for stream in streams), "little")
+        if rotate:
+            value = ((value >> 1) | (value << (bits - 1))) & mask
+        out += value.to_bytes(size, "little")
+    return bytes(out)
+
+
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("count", [0, 1, 7, 33, 1000])
+def test_ungroup_matches_reference(size, rotate, count):
+    # Odd counts exercise the scalar tail after the vectorized loop.
+    streams = [os.urandom(count) for _ in range(size)]
+    out = bytearray(count * size)
+    _grouping.ungroup(out, streams, rotate)
+    assert bytes(out) == _ungroup_reference(streams, rotate)
+
+
+def test_ungroup_takes_any_buffer():
+    streams = [memoryview(b"\x01\x02"), bytearray(b"\x03\x04")]
+    out = memoryview(bytearray(4))
+    _grouping.ungroup(out, streams, False)
+    assert bytes(out) == b"\x01\x03\x02\x04"
+
+
+@pytest.mark.parametrize(
+    "out_length, streams, message",
+    [
+        (6, [b"ab", b"cd", b"ef"], "expected 2 or 4 streams, got 3"),
+        (4, [b"ab", b"c"], "stream 1 has 1 bytes, stream 0 has 2"),
+        (5, [b"ab", b"cd"], "output has 5 bytes, the streams need 4"),
+    ],
+)
+def test_ungroup_rejects_mismatched_buffers(out_length, streams, message):
+    with pytest.raises(ValueError, match=message):
+        _grouping.ungroup(bytearray(out_length), streams, False)
+
+
+def test_ungroup_rejects_read_only_output():
+    with pytest.raises(TypeError):
+        _grouping.ungroup(b"abcd", [b"ab", b"cd"], False)
 
 
 def _manifest_with(codec_name: str, transform: str) -> bytes:
