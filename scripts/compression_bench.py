@@ -30,7 +30,7 @@ import numpy
 import torch
 from safetensors.torch import save_file
 
-from shardfs import codec
+from shardfs import _grouping, codec
 from shardfs.config import PushConfig
 from shardfs.mount.malloc import fix_mmap_threshold
 from shardfs.publish.chunking import plan_chunks
@@ -159,15 +159,14 @@ def measure_regrouping(chunks, repeat: int) -> dict | None:
             values = (values << 1) | (values >> (8 * width - 1))
         columns = values.view(numpy.uint8).reshape(count, width)
         streams = [numpy.ascontiguousarray(columns[:, index]) for index in range(width)]
-        elements = numpy.empty(count, dtype=f"<u{width}")
-        prepared.append((elements, streams, transform, count))
+        prepared.append((streams, transform, count))
 
     def regroup_all():
-        for elements, streams, transform, _ in prepared:
-            codec.regroup_into(elements, streams, transform)
+        for streams, transform, count in prepared:
+            _grouping.assemble(count * transform.element_size, b"", streams, b"", transform.rotate)
 
     seconds = best_seconds(regroup_all, repeat)
-    raw = sum(count * transform.element_size for _, _, transform, count in prepared)
+    raw = sum(count * transform.element_size for _, transform, count in prepared)
     return {"regroup_mb_s": raw / seconds / MB, "grouped_chunks": len(prepared)}
 
 

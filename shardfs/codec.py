@@ -33,9 +33,7 @@ Encodings, as (codec, transform) pairs:
 """
 
 import dataclasses
-import io
 import struct
-import threading
 
 import numpy
 import xxhash
@@ -124,10 +122,6 @@ MIN_GROUPED_LENGTH = 4096
 # Bytes of a chunk compressed with each element size to choose one when
 # the format does not give it.
 SAMPLE_LENGTH = 1 << 20
-
-# Elements rebuilt per step, so that a block and its scratch buffer stay in
-# the CPU's L2 cache between the passes over them.
-_DECODE_BLOCK_ELEMENTS = 1 << 17
 
 _UNSIGNED = {2: numpy.dtype("<u2"), 4: numpy.dtype("<u4")}
 
@@ -310,6 +304,7 @@ def _decode_split(key: str, payload: memoryview, transform: Transform, length: i
 
     position = table_size + prefix
     streams = []
+    readers = []
     for index in range(size):
         stream_codec, padding, stored = _STREAM_ENTRY.unpack_from(
             payload, _SPLIT_PREFIX.size + index * _STREAM_ENTRY.size
@@ -319,113 +314,32 @@ def _decode_split(key: str, payload: memoryview, transform: Transform, length: i
         stream = payload[position : position + stored]
         position += stored
         if stream_codec == CODEC_IDS["zstd"]:
-            streams.append(_ZstdStream(key, index, stream, count))
+            reader = zstandard.ZstdDecompressor().stream_reader(stream)
+            streams.append(reader)
+            readers.append((index, reader))
         elif stream_codec == CODEC_IDS["raw"] and stored == count:
-            streams.append(numpy.frombuffer(stream, dtype=numpy.uint8))
+            streams.append(stream)
         else:
             raise ChunkCorrupt(key, f"stream {index} has codec {stream_codec}, {stored} bytes")
     if position + tail != len(payload):
         raise ChunkCorrupt(key, "stream lengths do not add up to the payload length")
 
-    return _write_output(
-        length,
-        payload[table_size : table_size + prefix],
-        streams,
-        transform,
-        payload[position:],
-    )
-
-
-def _write_output(length: int, prefix, streams: list, transform: Transform, tail) -> bytes:
-    """Return the decoded chunk: *prefix*, the elements rebuilt from *streams*, *tail*.
-
-    Each chunk-sized buffer costs a page fault per page on first write,
-    which is a large part of the decode time where the daemon fixes glibc's
-    mmap threshold, so the elements are rebuilt straight into the one
-    output buffer. A BytesIO sized up front is that buffer: its getvalue
-    returns it without a copy when it is exactly full and no view of it is
-    left (CPython 3.11; other versions would only copy more).
-    """
-    output = io.BytesIO()
-    if length:
-        output.seek(length - 1)
-        output.write(b"\0")
-        output.seek(0)
-    size = transform.element_size
-    count = (length - len(prefix) - len(tail)) // size
-    view = output.getbuffer()
     try:
-        array = numpy.frombuffer(view, dtype=numpy.uint8)
-        array[: len(prefix)] = numpy.frombuffer(prefix, dtype=numpy.uint8)
-        body = array[len(prefix) : len(prefix) + count * size].view(_UNSIGNED[size])
-        regroup_into(body, streams, transform)
-        array[length - len(tail) :] = numpy.frombuffer(tail, dtype=numpy.uint8)
-        # getvalue copies while any export of the buffer is alive.
-        del array, body
-    finally:
-        view.release()
-    return output.getvalue()
-
-
-_scratch = threading.local()
-
-
-def _scratch_buffer(name: str, dtype) -> numpy.ndarray:
-    """Return this thread's block-sized buffer *name*, reused for every chunk."""
-    buffers = getattr(_scratch, "buffers", None)
-    if buffers is None:
-        buffers = _scratch.buffers = {}
-    if name not in buffers:
-        buffers[name] = numpy.empty(_DECODE_BLOCK_ELEMENTS, dtype=dtype)
-    return buffers[name]
-
-
-class _ZstdStream:
-    """One zstd-coded stream, decompressed a block at a time.
-
-    Decoding into a small reused buffer, instead of one chunk-sized result,
-    keeps the bytes in cache until they are interleaved and spares the
-    page faults of a fresh allocation.
-    """
-
-    def __init__(self, key: str, index: int, frame: memoryview, count: int):
-        self._key = key
-        self._index = index
-        self._reader = zstandard.ZstdDecompressor().stream_reader(frame)
-        self._buffer = _scratch_buffer(f"stream{index}", numpy.uint8)
-        self._remaining = count
-
-    def __getitem__(self, block: slice) -> numpy.ndarray:
-        # The reader only moves forward, so callers request blocks in order, each once.
-        requested = block.stop - block.start
-        view = memoryview(self._buffer)[:requested]
-        filled = 0
-        try:
-            while filled < requested:
-                got = self._reader.readinto(view[filled:])
-                if got == 0:
-                    raise ChunkCorrupt(self._key, f"stream {self._index} ends early")
-                filled += got
-            self._remaining -= requested
-            if self._remaining == 0 and self._reader.read(1):
-                raise ChunkCorrupt(self._key, f"stream {self._index} is too long")
-        except zstandard.ZstdError as exc:
-            raise ChunkCorrupt(self._key, f"zstd failed: {exc}") from None
-        return self._buffer[:requested]
-
-
-def regroup_into(elements: numpy.ndarray, streams: list, transform: Transform) -> None:
-    """Rebuild *elements* (unsigned, of the transform's size) from byte *streams*.
-
-    The compiled loop interleaves and rotates one block at a time, so that
-    each block of a zstd-coded stream is used while it is still in cache.
-    """
-    output = elements.view(numpy.uint8)
-    size = transform.element_size
-    for start in range(0, len(elements), _DECODE_BLOCK_ELEMENTS):
-        end = min(start + _DECODE_BLOCK_ELEMENTS, len(elements))
-        blocks = [stream[start:end] for stream in streams]
-        _grouping.ungroup(output[start * size : end * size], blocks, transform.rotate)
+        decoded = _grouping.assemble(
+            length,
+            payload[table_size : table_size + prefix],
+            streams,
+            payload[position:],
+            transform.rotate,
+        )
+        for index, reader in readers:
+            if reader.read(1):
+                raise ChunkCorrupt(key, f"stream {index} is too long")
+    except zstandard.ZstdError as exc:
+        raise ChunkCorrupt(key, f"zstd failed: {exc}") from None
+    except ValueError as exc:
+        raise ChunkCorrupt(key, str(exc)) from None
+    return decoded
 
 
 def verify(key: str, expected_length: int, decoded: bytes) -> bytes:

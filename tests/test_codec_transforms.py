@@ -242,38 +242,68 @@ def _ungroup_reference(streams: list[bytes], rotate: bool) -> bytes:
 
 @pytest.mark.parametrize("size", [2, 4])
 @pytest.mark.parametrize("rotate", [False, True])
-@pytest.mark.parametrize("count", [0, 1, 7, 33, 1000])
-def test_ungroup_matches_reference(size, rotate, count):
-    # Odd counts exercise the scalar tail after the vectorized loop.
+@pytest.mark.parametrize("count", [0, 1, 7, 33, 1000, (1 << 17) + 3])
+def test_assemble_matches_reference(size, rotate, count):
+    # Odd counts exercise the scalar tail after the vectorized loop, and
+    # the largest spans two blocks.
     streams = [os.urandom(count) for _ in range(size)]
-    out = bytearray(count * size)
-    _grouping.ungroup(out, streams, rotate)
-    assert bytes(out) == _ungroup_reference(streams, rotate)
+    expected = b"head" + _ungroup_reference(streams, rotate) + b"end"
+    length = len(expected)
+    assert _grouping.assemble(length, b"head", streams, b"end", rotate) == expected
 
 
-def test_ungroup_takes_any_buffer():
-    streams = [memoryview(b"\x01\x02"), bytearray(b"\x03\x04")]
-    out = memoryview(bytearray(4))
-    _grouping.ungroup(out, streams, False)
-    assert bytes(out) == b"\x01\x03\x02\x04"
+class _Reader:
+    """A stream that hands out its bytes at most *step* at a time, like a zstd reader."""
+
+    def __init__(self, data: bytes, step: int):
+        self._data = data
+        self._step = step
+        self.calls = 0
+
+    def readinto(self, buffer) -> int:
+        self.calls += 1
+        piece = self._data[: min(self._step, len(buffer))]
+        buffer[: len(piece)] = piece
+        self._data = self._data[len(piece) :]
+        return len(piece)
+
+
+def test_assemble_mixes_readers_and_buffers():
+    count = (1 << 17) * 2 + 11
+    streams = [os.urandom(count) for _ in range(4)]
+    reader = _Reader(streams[1], 100_000)
+    mixed = [memoryview(streams[0]), reader, bytearray(streams[2]), _Reader(streams[3], count)]
+    result = _grouping.assemble(4 * count, b"", mixed, b"", True)
+    assert result == _ungroup_reference(streams, True)
+    assert reader.calls >= 3
 
 
 @pytest.mark.parametrize(
-    "out_length, streams, message",
+    "length, streams, message",
     [
         (6, [b"ab", b"cd", b"ef"], "expected 2 or 4 streams, got 3"),
-        (4, [b"ab", b"c"], "stream 1 has 1 bytes, stream 0 has 2"),
-        (5, [b"ab", b"cd"], "output has 5 bytes, the streams need 4"),
+        (4, [b"ab", b"c"], "stream 1 has 1 bytes, expected 2"),
+        (5, [b"ab", b"cd"], "5 bytes of elements are not a whole number of 2-byte elements"),
+        (4, [b"ab", _Reader(b"c", 10)], "stream 1 ends early"),
     ],
 )
-def test_ungroup_rejects_mismatched_buffers(out_length, streams, message):
+def test_assemble_rejects_bad_streams(length, streams, message):
     with pytest.raises(ValueError, match=message):
-        _grouping.ungroup(bytearray(out_length), streams, False)
+        _grouping.assemble(length, b"", streams, b"", False)
 
 
-def test_ungroup_rejects_read_only_output():
-    with pytest.raises(TypeError):
-        _grouping.ungroup(b"abcd", [b"ab", b"cd"], False)
+def test_assemble_rejects_prefix_longer_than_length():
+    with pytest.raises(ValueError, match="prefix and tail of 4 bytes exceed the length 2"):
+        _grouping.assemble(2, b"abc", [b"", b""], b"d", False)
+
+
+def test_assemble_passes_reader_errors_on():
+    class Broken:
+        def readinto(self, buffer):
+            raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        _grouping.assemble(4, b"", [b"ab", Broken()], b"", False)
 
 
 def _manifest_with(codec_name: str, transform: str) -> bytes:
