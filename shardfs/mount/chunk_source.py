@@ -136,17 +136,19 @@ class ChunkSource:
         waiting = self._prefetch_bytes + self.memory.unread_prefetched_bytes
         return waiting + length <= self.memory.probation_room
 
-    async def read(self, chunk: ChunkRef, start: int, end: int) -> bytes:
+    async def read(self, chunk: ChunkRef, start: int, end: int) -> bytes | memoryview:
         """Return bytes ``[start, end)`` of the decoded *chunk*, verified.
 
-        Raises `ChunkCorrupt` or a `StoreError` when no good copy was found.
+        A chunk in memory is served as a view of it, without a copy: pyfuse3
+        replies from any buffer. Raises `ChunkCorrupt` or a `StoreError`
+        when no good copy was found.
         """
         data = self.memory.get(chunk.key)
         if data is None:
             data = self._pending_data(chunk.key)
         if data is not None:
             self.stats.memory_hits += 1
-            return data[start:end]
+            return memoryview(data)[start:end]
         if self.disk is not None and self.disk.is_verified(chunk.key):
             async with self._disk_io:
                 part = await trio.to_thread.run_sync(
@@ -156,7 +158,7 @@ class ChunkSource:
                 self.stats.disk_hits += 1
                 return part
         data = await self.get(chunk, DEMAND)
-        return data[start:end]
+        return memoryview(data)[start:end]
 
     async def get(self, chunk: ChunkRef, priority: int = DEMAND) -> bytes:
         """Return the whole decoded *chunk*, verified against its key."""

@@ -215,13 +215,13 @@ class Operations(pyfuse3.Operations):
         self.bytes_read += len(data)
         return data
 
-    async def _read_range(self, node: Node, start: int, end: int) -> bytes:
+    async def _read_range(self, node: Node, start: int, end: int) -> bytes | memoryview:
         slices = slices_for_range(node.entry.chunks, node.offsets, start, end)
         if len(slices) == 1:
             piece = slices[0]
             return await self._chunks.read(piece.chunk, piece.start, piece.end)
 
-        parts: list[bytes] = [b""] * len(slices)
+        parts: list[bytes | memoryview] = [b""] * len(slices)
         errors: list[ShardfsError] = []
 
         async def fetch(index: int) -> None:
