@@ -114,14 +114,14 @@ PyDoc_STRVAR(assemble_doc,
 "assemble(length, prefix, streams, tail, rotate)\n"
 "--\n"
 "\n"
-"Return length bytes: prefix, the elements rebuilt from streams, tail.\n"
+"Return length bytes: prefix, then the elements rebuilt from streams, tail.\n"
 "\n"
-"streams holds 2 or 4 items, one per byte of an element. Each item is a\n"
-"buffer of exactly n bytes, or a reader whose readinto() yields them,\n"
+"streams has 1, 2 or 4 items, one per byte of an element. Each is a\n"
+"buffer of exactly n bytes or a reader whose readinto() yields them,\n"
 "where n = (length - len(prefix) - len(tail)) / len(streams). Element j\n"
-"is built little-endian from byte j of each stream, in order, and is\n"
-"rotated right by one bit when rotate is true. Readers are read one\n"
-"block at a time and are not checked for bytes past n. Raises\n"
+"is built little-endian from byte j of each stream, and with 2 or 4\n"
+"streams it is rotated right by one bit when rotate is true. One stream\n"
+"is a plain copy. Readers are not checked for bytes past n. Raises\n"
 "ValueError when a length does not fit or a reader ends early.");
 
 static PyObject *assemble(PyObject *Py_UNUSED(module), PyObject *args)
@@ -143,8 +143,8 @@ static PyObject *assemble(PyObject *Py_UNUSED(module), PyObject *args)
         goto done;
     }
     size = PySequence_Fast_GET_SIZE(streams);
-    if (size != 2 && size != 4) {
-        PyErr_Format(PyExc_ValueError, "expected 2 or 4 streams, got %zd", size);
+    if (size != 1 && size != 2 && size != 4) {
+        PyErr_Format(PyExc_ValueError, "expected 1, 2 or 4 streams, got %zd", size);
         size = 0;
         goto done;
     }
@@ -196,6 +196,21 @@ static PyObject *assemble(PyObject *Py_UNUSED(module), PyObject *args)
     memcpy(out, prefix.buf, prefix.len);
     memcpy(out + length - tail.len, tail.buf, tail.len);
     uint8_t *elements = out + prefix.len;
+
+    if (size == 1) {
+        /* A plain copy: a reader fills the result itself, in as few calls
+         * as it needs, and a buffer is copied. */
+        if (!is_buffer[0]) {
+            if (read_block(readers[0], 0, elements, count) < 0) {
+                Py_CLEAR(result);
+            }
+            goto done;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(elements, views[0].buf, count);
+        Py_END_ALLOW_THREADS
+        goto done;
+    }
 
     for (Py_ssize_t start = 0; start < count; start += BLOCK_ELEMENTS) {
         Py_ssize_t step = count - start < BLOCK_ELEMENTS ? count - start : BLOCK_ELEMENTS;

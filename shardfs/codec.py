@@ -278,17 +278,33 @@ def decode(key: str, expected_length: int, data: bytes) -> bytes:
     elif header.codec == "split":
         decoded = _decode_split(key, payload, TRANSFORMS[header.transform], expected_length)
     else:
-        decoded = bytes(payload)
+        decoded = read_exactly(payload, len(payload))
     return verify(key, expected_length, decoded)
 
 
 def _decompress(key: str, payload, expected_length: int) -> bytes:
+    reader = zstandard.ZstdDecompressor().stream_reader(payload)
     try:
-        return zstandard.ZstdDecompressor().decompress(
-            payload, max_output_size=expected_length
-        )
+        decoded = read_exactly(reader, expected_length)
+        if reader.read(1):
+            raise ChunkCorrupt(key, f"zstd frame is longer than {expected_length} bytes")
     except zstandard.ZstdError as exc:
         raise ChunkCorrupt(key, f"zstd failed: {exc}") from None
+    except ValueError:
+        raise ChunkCorrupt(key, f"zstd frame is shorter than {expected_length} bytes") from None
+    return decoded
+
+
+def read_exactly(source, length: int) -> bytes:
+    """Return the first *length* bytes of *source* as a new bytes object.
+
+    *source* is a buffer of exactly *length* bytes or a binary reader with
+    ``readinto``. The result's pages are faulted in with one call before it
+    is filled, which for a chunk-sized buffer is faster than the page
+    faults of ``bytes()`` or ``read()``. Raises ValueError when *source*
+    has fewer bytes.
+    """
+    return _grouping.assemble(length, b"", [source], b"", False)
 
 
 def _decode_split(key: str, payload: memoryview, transform: Transform, length: int) -> bytes:

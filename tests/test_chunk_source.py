@@ -172,3 +172,35 @@ async def test_disk_cache_serves_after_memory(tmp_path):
     assert await restarted.read(chunk, 0, 100) == DATA[:100]
     assert store.gets == 1
     assert restarted.stats.disk_hits == 1
+
+
+async def test_disk_only_chunk_is_advised_once(tmp_path, monkeypatch):
+    store, source, chunk = _setup(tmp_path)
+    async with trio.open_nursery() as nursery:
+        source.start(nursery)
+        await source.get(chunk)
+    advised = []
+    monkeypatch.setattr(DiskCache, "advise", lambda cache, key: advised.append(key))
+    restarted = ChunkSource(store, MemoryCache(1 << 26), source.disk, 4, 2, FAST_RETRY)
+    async with trio.open_nursery() as nursery:
+        restarted.start(nursery)
+        restarted.advise(chunk)
+        restarted.advise(chunk)
+    assert advised == [chunk.key]
+    assert restarted.stats.disk_read_ahead == 1
+
+    # A chunk already in memory needs no hint.
+    async with trio.open_nursery() as nursery:
+        source.start(nursery)
+        source.advise(chunk)
+    assert advised == [chunk.key]
+
+
+def test_advise_ignores_missing_file(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), 1 << 30)
+    cache.open()
+    key = codec.chunk_key(DATA)
+    cache.write(key, DATA)
+    cache.advise(key)
+    cache.advise("0" * 32)  # a missing file is ignored
+    assert cache.read(key, len(DATA)) == DATA

@@ -16,6 +16,7 @@ import struct
 import pytest
 import safetensors.torch
 import torch
+import zstandard
 
 from conftest import mounted, needs_fuse, run_shardfs
 from shardfs import _grouping, codec
@@ -281,7 +282,7 @@ def test_assemble_mixes_readers_and_buffers():
 @pytest.mark.parametrize(
     "length, streams, message",
     [
-        (6, [b"ab", b"cd", b"ef"], "expected 2 or 4 streams, got 3"),
+        (6, [b"ab", b"cd", b"ef"], "expected 1, 2 or 4 streams, got 3"),
         (4, [b"ab", b"c"], "stream 1 has 1 bytes, expected 2"),
         (5, [b"ab", b"cd"], "5 bytes of elements are not a whole number of 2-byte elements"),
         (4, [b"ab", _Reader(b"c", 10)], "stream 1 ends early"),
@@ -290,6 +291,28 @@ def test_assemble_mixes_readers_and_buffers():
 def test_assemble_rejects_bad_streams(length, streams, message):
     with pytest.raises(ValueError, match=message):
         _grouping.assemble(length, b"", streams, b"", False)
+
+
+def test_read_exactly_copies_one_stream():
+    data = os.urandom(300_001)
+    assert codec.read_exactly(memoryview(data), len(data)) == data
+    reader = io.BytesIO(data + b"more")
+    assert codec.read_exactly(reader, len(data)) == data
+    assert reader.read() == b"more"
+
+
+def test_read_exactly_rejects_short_reader():
+    with pytest.raises(ValueError, match="stream 0 ends early"):
+        codec.read_exactly(io.BytesIO(b"abc"), 4)
+
+
+@pytest.mark.parametrize("change", [b"", b"extra"], ids=["short", "long"])
+def test_zstd_frame_of_wrong_length_is_caught(change):
+    data = tensor_bytes(torch.float32, 10_000)
+    frame = zstandard.ZstdCompressor().compress(data[:-100] if not change else data + change)
+    header = codec.HEADER.pack(codec.MAGIC, codec.CODEC_IDS["zstd"], 0, 0, len(data))
+    with pytest.raises(ChunkCorrupt):
+        codec.decode(codec.chunk_key(data), len(data), header + frame)
 
 
 def test_assemble_rejects_prefix_longer_than_length():

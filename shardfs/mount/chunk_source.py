@@ -9,6 +9,7 @@ queued prefetch requests. Blocking work (store calls, decoding, cache file
 I/O) runs in worker threads. All methods run in the daemon's trio thread.
 """
 
+import collections
 import dataclasses
 import logging
 import random
@@ -34,6 +35,9 @@ TRANSIENT_ERRORS = (StoreUnavailable, ChunkCorrupt)
 # Damage that survives a second fetch is in the stored object itself, and
 # waiting out the deadline would not repair it.
 MAX_CORRUPT_ATTEMPTS = 2
+# Chunks remembered as already hinted into the page cache: far more than
+# one read-ahead window, so the chunks of a window are hinted once.
+_ADVISED_KEYS = 1024
 
 
 @dataclasses.dataclass
@@ -44,6 +48,7 @@ class ChunkSourceStats:
     prefetch_fetches: int = 0
     memory_hits: int = 0
     disk_hits: int = 0
+    disk_read_ahead: int = 0  # cache files hinted into the page cache
     corrupt_chunks: int = 0
     retries: int = 0
     failed_chunks: int = 0
@@ -80,6 +85,10 @@ class ChunkSource:
         self._decoders = trio.CapacityLimiter(decoders)
         # Cache file reads and writes; page-cache speed, so a few suffice.
         self._disk_io = trio.CapacityLimiter(8)
+        # Read-ahead hints for cache files, apart from reads and writes so
+        # that a burst of hints never delays a reader.
+        self._disk_hints = trio.CapacityLimiter(4)
+        self._advised: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._nursery: trio.Nursery | None = None
         self.prefetches_outstanding = 0
         self._prefetch_bytes = 0
@@ -122,6 +131,28 @@ class ChunkSource:
         if not self.disk_holds(chunk.key):
             async with self._disk_io:
                 await trio.to_thread.run_sync(self.disk.write, chunk.key, data)
+
+    def advise(self, chunk: ChunkRef) -> None:
+        """Start reading *chunk* from the disk cache into the page cache.
+
+        Only a chunk that is on disk and nowhere nearer is read, and each
+        at most once until `_ADVISED_KEYS` others have been. The hint costs
+        no daemon memory, because the kernel keeps the pages.
+        """
+        key = chunk.key
+        if self._nursery is None or key in self._advised or not self.disk_holds(key):
+            return
+        if key in self.memory or key in self._flights or key in self._pending_writes:
+            return
+        self._advised[key] = None
+        self.stats.disk_read_ahead += 1
+        if len(self._advised) > _ADVISED_KEYS:
+            self._advised.popitem(last=False)
+        self._nursery.start_soon(self._advise_task, key)
+
+    async def _advise_task(self, key: str) -> None:
+        async with self._disk_hints:
+            await trio.to_thread.run_sync(self.disk.advise, key)
 
     def can_prefetch(self, length: int) -> bool:
         """Whether a prefetch of *length* bytes fits the memory it may use.

@@ -129,12 +129,19 @@ class DiskCache:
                 return None
             self._index.move_to_end(key)
         try:
-            with open(self._path(key), "rb") as file:
-                data = file.read(length + 1)
+            with open(self._path(key), "rb", buffering=0) as file:
+                data = codec.read_exactly(file, length)
+                longer = file.read(1)
         except FileNotFoundError:
             self._forget(key)
             return None
+        except ValueError:
+            log.warning("dropping damaged cache file: chunk %s is shorter than %d bytes", key, length)
+            self.drop(key)
+            return None
         try:
+            if longer:
+                raise ChunkCorrupt(key, f"cache file is longer than {length} bytes")
             codec.verify(key, length, data)
         except ChunkCorrupt as exc:
             log.warning("dropping damaged cache file: %s", exc)
@@ -157,6 +164,24 @@ class DiskCache:
             return None
         # A verified file can still shrink under us only by outside damage.
         return data if len(data) == end - start else None
+
+    def advise(self, key: str) -> None:
+        """Ask the kernel to start reading chunk *key*'s file into the page cache.
+
+        The read runs in the background (POSIX_FADV_WILLNEED), so a reader
+        that reaches the chunk later finds it in memory. A missing file is
+        left to the read that needs it.
+        """
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError as exc:
+            log.debug("read-ahead hint for cache file %s failed: %s", key, exc)
+        finally:
+            os.close(fd)
 
     def write(self, key: str, data: bytes) -> None:
         """Store a verified chunk; failures are logged once and leave no file."""

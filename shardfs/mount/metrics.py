@@ -47,6 +47,9 @@ _METRICS = {
     "prefetch_fetches": ("shardfs_prefetch_fetches_total", "counter", "Store requests made by read-ahead"),
     "memory_hits": ("shardfs_memory_hits_total", "counter", "Chunk lookups served from memory"),
     "disk_hits": ("shardfs_disk_hits_total", "counter", "Chunk lookups served from the disk cache"),
+    "disk_read_ahead": (
+        "shardfs_disk_read_ahead_total", "counter", "Cache files read ahead into the page cache"
+    ),
     "retries": ("shardfs_retries_total", "counter", "Store requests retried after a transient failure"),
     "corrupt_chunks": ("shardfs_corrupt_chunks_total", "counter", "Chunks that failed verification"),
     "failed_chunks": ("shardfs_failed_chunks_total", "counter", "Chunks no good copy was found for"),

@@ -147,6 +147,9 @@ class Prefetcher:
         for index in state.on_read(start, end):
             chunk = entry.chunks[index]
             if self._chunks.is_present(chunk.key):
+                # A chunk only in the disk cache is still read ahead, into
+                # the page cache, so a load after a restart streams too.
+                self._chunks.advise(chunk)
                 continue
             if self._chunks.prefetches_outstanding >= self._max_outstanding:
                 break
