@@ -46,12 +46,10 @@ os.environ.update(
 sys.path[:0] = [REPO, os.path.join(REPO, "tests"), os.path.join(REPO, "scripts")]
 
 import fault_harness  # noqa: E402
-from fault_harness import NESTED_MANIFESTS, write_sources  # noqa: E402
-from reliability_lib.mounts import moto_server, push_models  # noqa: E402
+from fault_harness import NESTED_MANIFESTS, RAW_SIZE, push_models, write_sources  # noqa: E402
+from reliability_lib.mounts import moto_server  # noqa: E402
 from reliability_lib.report import render  # noqa: E402
 from reliability_lib.runs import Runner  # noqa: E402
-
-RAW_SIZE = 24 * 1024 * 1024
 
 # (rate, failed attempts per faulted chunk) for each transient fault kind.
 TRANSIENT_RATES = {
@@ -146,7 +144,7 @@ def main() -> int:
             sources_dir = os.path.join(work, "sources")
             os.makedirs(sources_dir)
             sources = write_sources(sources_dir, RAW_SIZE)
-            runner = Runner(work, endpoint, sources, push_models(endpoint, sources))
+            runner = Runner(work, endpoint, sources, push_models(endpoint, sources, "reliability"))
             runner.only = [word for word in args.only.split(",") if word]
             try:
                 run_all(runner, args.seconds)

@@ -5,8 +5,6 @@ invalid arguments or local preconditions, 130 when interrupted.
 """
 
 import argparse
-import logging
-import sys
 
 from shardfs import __version__
 from shardfs.commands import (
@@ -20,7 +18,7 @@ from shardfs.commands import (
     verify_cmd,
     warm_cmd,
 )
-from shardfs.errors import ShardfsError, UsageError
+from shardfs.commands.entry_point import configure_logging, run_with_exit_status
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -59,21 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(levelname)s %(name)s: %(message)s"
+    configure_logging(args.log_level)
+    return run_with_exit_status(
+        lambda: args.run(args),
+        exit_usage=EXIT_USAGE,
+        exit_failed=EXIT_FAILED,
+        exit_interrupted=EXIT_INTERRUPTED,
     )
-    # The S3 client logs every request and retry at DEBUG; shardfs logs the
-    # failures that matter itself.
-    for name in ("botocore", "boto3", "urllib3", "s3transfer"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        return args.run(args) or 0
-    except UsageError as exc:
-        print(f"shardfs: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ShardfsError as exc:
-        print(f"shardfs: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("shardfs: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED

@@ -34,6 +34,9 @@ elif shutil.which("fusermount3") is None:
 needs_fuse = pytest.mark.skipif(FUSE_MISSING is not None, reason=FUSE_MISSING or "")
 
 MOUNT_TIMEOUT_S = 60
+# The one file that the tiny_store fixture publishes, and its size in bytes.
+TINY_MODEL_FILE = "org/tiny/weights.bin"
+TINY_MODEL_SIZE = 300_000
 
 
 def free_port() -> int:
@@ -100,6 +103,23 @@ def s3_store(s3_client):
 @pytest.fixture
 def local_store(tmp_path):
     return str(tmp_path / "store")
+
+
+@pytest.fixture
+def tiny_source(tmp_path):
+    """A file of TINY_MODEL_SIZE random bytes, the source of tiny_store."""
+    source = tmp_path / "weights.bin"
+    source.write_bytes(os.urandom(TINY_MODEL_SIZE))
+    return source
+
+
+@pytest.fixture
+def tiny_store(tmp_path, tiny_source):
+    """A local store with tiny_source pushed as model org/tiny."""
+    store = str(tmp_path / "store")
+    result = run_shardfs("push", "--store", store, str(tiny_source), "org/tiny")
+    assert result.returncode == 0, result.stderr
+    return store
 
 
 @pytest.fixture(scope="session")
@@ -175,6 +195,16 @@ def mounted(store: str, mountpoint: str, *options: str, endpoint: str | None = N
     assert status == 0, f"daemon exited with {status}:\n{mount.log_text()}"
     unexpected = mount.unexpected_log_lines()
     assert not unexpected, f"unexpected daemon log lines: {unexpected}"
+
+
+def wait_unmounted(path, timeout_s: float = 30) -> bool:
+    """Wait until *path* is no longer a mount point; return False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while os.path.ismount(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _wait_for_mount(mount: Mount) -> None:

@@ -14,26 +14,37 @@ threads send them.
 `PlannedProxy` is an `S3Proxy` that consults its plan on every request that
 no rule added with `add_fault` spoiled first.
 
-`write_sources` writes the models that the fault runs load, and the
-``*_SCRIPT`` strings are the readers that run in child processes: the proxy
-runs in threads of the process that starts it, and a loader that holds the
-GIL while it reads (safetensors, torch) would stall the proxy and with it
-its own read.
+`write_sources` writes the models that the fault runs load, `push_models`
+pushes them in CHUNK_SIZE chunks, and the ``*_SCRIPT`` strings are the
+readers that run in child processes: the proxy runs in threads of the
+process that starts it, and a loader that holds the GIL while it reads
+(safetensors, torch) would stall the proxy and with it its own read.
+Plain reads and preads release the GIL, so `timed_pread` runs in-process.
 """
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
+import uuid
 
+import boto3
 import numpy as np
 import safetensors.torch
 import torch
 
 from s3proxy import Fault, Request, S3Proxy
+from shardfs.manifest import FileEntry, parse_manifest
+
+# The checkout that contains this file. `python -m shardfs` run there
+# imports the checkout's shardfs, whatever else is installed.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Fault kinds by name. "truncated" and "flipped" depend on the body length,
 # so they are built per chunk from its stored length.
@@ -274,6 +285,114 @@ def write_sources(directory: str, raw_size: int) -> Sources:
         "safetensors": describe_tensors(st_tensors),
     }
     return Sources(checkpoint, model, raw, expected)
+
+
+# The pushed store
+
+CHUNK_SIZE = 256 * 1024
+TORCH_NAME = "ckpt/torch"
+TORCH_PATH = "ckpt/torch/model.pt"
+SAFETENSORS_NAME = "st/model"
+SAFETENSORS_PATH = "st/model/model.safetensors"
+RAW_NAME = "data/raw"
+RAW_PATH = "data/raw/random.bin"
+# Larger than the smallest memory limit (16 MiB), so random reads evict.
+RAW_SIZE = 24 * 1024 * 1024
+PUSH_TIMEOUT_S = 300
+
+
+@dataclasses.dataclass(frozen=True)
+class PushedStore:
+    url: str
+    # File entries by path under the mountpoint.
+    entries: dict[str, FileEntry]
+
+    def stored_lengths(self) -> dict[str, int]:
+        return {
+            chunk.key: chunk.stored_length
+            for entry in self.entries.values()
+            for chunk in entry.chunks
+        }
+
+
+def push(store: str, source: str, name: str, endpoint: str | None = None) -> None:
+    """Push *source* as model *name* in CHUNK_SIZE chunks; raise RuntimeError if it fails."""
+    args = ["push", "--store", store, "--chunk-size", str(CHUNK_SIZE)]
+    if endpoint:
+        args += ["--endpoint-url", endpoint]
+    result = subprocess.run(
+        [sys.executable, "-m", "shardfs", *args, source, name],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=PUSH_TIMEOUT_S,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"push of {name} failed: {result.stderr.strip()}")
+
+
+def push_models(endpoint: str, sources: Sources, bucket_prefix: str) -> PushedStore:
+    """Push the three source files to a new bucket on *endpoint*, one model each."""
+    client = boto3.client("s3", endpoint_url=endpoint)
+    bucket = f"{bucket_prefix}-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    url = f"s3://{bucket}/models-root"
+    entries = {}
+    for source, name in (
+        (sources.checkpoint, TORCH_NAME),
+        (sources.safetensors, SAFETENSORS_NAME),
+        (sources.raw, RAW_NAME),
+    ):
+        push(url, source, name, endpoint)
+        key = f"models-root/models/{name}/manifest.json"
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        for entry in parse_manifest(name, body).files:
+            entries[f"{name}/{entry.path}"] = entry
+    return PushedStore(url, entries)
+
+
+# Reads in this process, and the cache disk
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def read_source(path: str, offset: int, length: int) -> bytes:
+    with open(path, "rb") as file:
+        file.seek(offset)
+        return file.read(length)
+
+
+def timed_pread(path: str, offset: int, length: int) -> tuple[bytes | OSError, float]:
+    """Pread one range with the kernel's read-ahead off.
+
+    Returns the data or the error, and the seconds the pread took.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        started = time.monotonic()
+        try:
+            result = os.pread(fd, length, offset)
+        except OSError as exc:
+            result = exc
+        return result, time.monotonic() - started
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def tmpfs(path: str, *options: str):
+    """Mount a tmpfs at *path* with *options* (such as ``size=4m``, ``ro``)."""
+    os.makedirs(path, exist_ok=True)
+    mount_options = ",".join(("mode=0700", *options))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", mount_options, "tmpfs", path], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], check=False)
 
 
 # Readers, run as ``python -c SCRIPT ARGS...``

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from conftest import needs_fuse, run_shardfs
+from conftest import TINY_MODEL_FILE, TINY_MODEL_SIZE, needs_fuse, run_shardfs
 from shardfs import cli, config_file
 from shardfs.commands import mount_cmd
 from shardfs.config import MiB, MountConfig, PrefetchConfig, RetryConfig, StoreConfig
@@ -394,16 +394,6 @@ def read_ahead_kb(mountpoint: str) -> int:
         return int(file.read())
 
 
-@pytest.fixture
-def tiny_store(tmp_path):
-    source = tmp_path / "weights.bin"
-    source.write_bytes(os.urandom(100_000))
-    store = str(tmp_path / "store")
-    result = run_shardfs("push", "--store", store, str(source), "org/tiny")
-    assert result.returncode == 0, result.stderr
-    return store
-
-
 @needs_fuse
 @pytest.mark.skipif(os.geteuid() != 0, reason="setting a mount's read-ahead needs root")
 @pytest.mark.parametrize("flags, expected", [([], 256), (["--read-ahead-kb", "512"], 512)],
@@ -420,7 +410,7 @@ def test_mount_applies_file_and_flags(tiny_store, tmp_path, flags, expected):
     result = run_shardfs("mount", "--config", path, *flags)
     assert result.returncode == 0, result.stderr
     try:
-        assert (mountpoint / "org/tiny/weights.bin").stat().st_size == 100_000
+        assert (mountpoint / TINY_MODEL_FILE).stat().st_size == TINY_MODEL_SIZE
         assert read_ahead_kb(str(mountpoint)) == expected
     finally:
         assert run_shardfs("unmount", str(mountpoint)).returncode == 0

@@ -8,21 +8,9 @@ import time
 
 import pytest
 
-from conftest import mounted, needs_fuse, run_shardfs
+from conftest import TINY_MODEL_FILE, mounted, needs_fuse, run_shardfs, wait_unmounted
 
 pytestmark = needs_fuse
-
-MODEL_FILE = "org/tiny/weights.bin"
-
-
-@pytest.fixture
-def tiny_store(tmp_path):
-    source = tmp_path / "weights.bin"
-    source.write_bytes(os.urandom(300_000))
-    store = str(tmp_path / "store")
-    result = run_shardfs("push", "--store", store, str(source), "org/tiny")
-    assert result.returncode == 0, result.stderr
-    return store, source.read_bytes()
 
 
 def _daemon_pids(mountpoint: str) -> list[int]:
@@ -32,40 +20,33 @@ def _daemon_pids(mountpoint: str) -> list[int]:
     return [int(pid) for pid in result.stdout.split()]
 
 
-def _wait_unmounted(mountpoint: str, timeout_s: float = 20) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while os.path.ismount(mountpoint):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def test_mount_is_ready_when_command_returns(tiny_store, tmp_path):
-    store, content = tiny_store
+def test_mount_is_ready_when_command_returns(tiny_store, tiny_source, tmp_path):
+    store = tiny_store
+    content = tiny_source.read_bytes()
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     for attempt in range(20):
         result = run_shardfs("mount", "--cache-dir", str(tmp_path / "cache"), store, str(mountpoint))
         assert result.returncode == 0, f"attempt {attempt}: {result.stderr}"
-        assert os.stat(mountpoint / MODEL_FILE).st_size == len(content)
+        assert os.stat(mountpoint / TINY_MODEL_FILE).st_size == len(content)
         result = run_shardfs("unmount", str(mountpoint))
         assert result.returncode == 0, result.stderr
-        assert _wait_unmounted(str(mountpoint))
+        assert wait_unmounted(str(mountpoint))
 
 
-def test_background_daemon_serves_and_logs(tiny_store, tmp_path):
-    store, content = tiny_store
+def test_background_daemon_serves_and_logs(tiny_store, tiny_source, tmp_path):
+    store = tiny_store
+    content = tiny_source.read_bytes()
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     cache = tmp_path / "cache"
     result = run_shardfs("mount", "--cache-dir", str(cache), store, str(mountpoint))
     assert result.returncode == 0, result.stderr
     try:
-        assert (mountpoint / MODEL_FILE).read_bytes() == content
+        assert (mountpoint / TINY_MODEL_FILE).read_bytes() == content
     finally:
         run_shardfs("unmount", str(mountpoint))
-    assert _wait_unmounted(str(mountpoint))
+    assert wait_unmounted(str(mountpoint))
     log_text = (cache / "daemon.log").read_text()
     assert "is ready" in log_text
     assert cache.stat().st_mode & 0o777 == 0o700
@@ -73,7 +54,7 @@ def test_background_daemon_serves_and_logs(tiny_store, tmp_path):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
 def test_signal_unmounts_cleanly(tiny_store, tmp_path, signum):
-    store, _ = tiny_store
+    store = tiny_store
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     result = run_shardfs("mount", "--cache-dir", str(tmp_path / "cache"), store, str(mountpoint))
@@ -81,15 +62,16 @@ def test_signal_unmounts_cleanly(tiny_store, tmp_path, signum):
     pids = _daemon_pids(str(mountpoint))
     assert len(pids) == 1
     os.kill(pids[0], signum)
-    assert _wait_unmounted(str(mountpoint))
+    assert wait_unmounted(str(mountpoint))
     deadline = time.monotonic() + 10
     while _daemon_pids(str(mountpoint)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _daemon_pids(str(mountpoint)) == []
 
 
-def test_mount_clears_stale_mount_of_killed_daemon(tiny_store, tmp_path):
-    store, content = tiny_store
+def test_mount_clears_stale_mount_of_killed_daemon(tiny_store, tiny_source, tmp_path):
+    store = tiny_store
+    content = tiny_source.read_bytes()
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     cache = str(tmp_path / "cache")
@@ -103,22 +85,23 @@ def test_mount_clears_stale_mount_of_killed_daemon(tiny_store, tmp_path):
         assert info.value.errno == errno.ENOTCONN
         again = run_shardfs("mount", "--cache-dir", cache, store, str(mountpoint))
         assert again.returncode == 0, again.stderr
-        assert (mountpoint / MODEL_FILE).read_bytes() == content
+        assert (mountpoint / TINY_MODEL_FILE).read_bytes() == content
         assert run_shardfs("unmount", str(mountpoint)).returncode == 0
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
 
 
 def test_mount_rejects_other_filesystem_mounted(tiny_store, tmp_path):
-    store, _ = tiny_store
+    store = tiny_store
     with mounted(store, str(tmp_path / "mnt")):
         again = run_shardfs("mount", "--cache-dir", str(tmp_path / "c2"), store, str(tmp_path / "mnt"))
         assert again.returncode == 2
         assert "already a mount point" in again.stderr
 
 
-def test_foreground_mount_exits_zero_on_unmount(tiny_store, tmp_path):
-    store, content = tiny_store
+def test_foreground_mount_exits_zero_on_unmount(tiny_store, tiny_source, tmp_path):
+    store = tiny_store
+    content = tiny_source.read_bytes()
     with mounted(store, str(tmp_path / "mnt")) as mount:
-        assert (tmp_path / "mnt" / MODEL_FILE).read_bytes() == content
+        assert (tmp_path / "mnt" / TINY_MODEL_FILE).read_bytes() == content
         assert mount.process.poll() is None

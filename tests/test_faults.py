@@ -12,8 +12,6 @@ while they read (safetensors, torch) run in child processes. Plain reads and
 preads release the GIL and run here.
 """
 
-import contextlib
-import dataclasses
 import errno
 import hashlib
 import json
@@ -24,9 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
-import boto3
 import hypothesis
 import pytest
 from hypothesis import strategies as st
@@ -34,15 +30,29 @@ from hypothesis import strategies as st
 import fault_harness
 from conftest import mounted, needs_fuse, run_shardfs, shardfs_command
 from fault_harness import (
+    CHUNK_SIZE,
     LOAD_SCRIPT,
     NESTED_MANIFESTS,
     RANDOM_PREAD_SCRIPT,
+    RAW_PATH,
+    RAW_SIZE,
+    SAFETENSORS_NAME,
+    SAFETENSORS_PATH,
+    TORCH_NAME,
+    TORCH_PATH,
     WHOLE_READ_SCRIPT,
     FaultPlan,
     PlannedProxy,
+    PushedStore,
     Sources,
+    file_sha256,
     large_manifests,
     nested_manifest,
+    push,
+    push_models,
+    read_source,
+    timed_pread,
+    tmpfs,
     write_sources,
 )
 from s3proxy import Fault
@@ -51,18 +61,7 @@ from shardfs.config import RetryConfig
 from shardfs.errors import ManifestInvalid
 from shardfs.manifest import ChunkRef, FileEntry, Manifest, parse_manifest, to_json
 
-KIB = 1024
-MIB = 1024 * KIB
-CHUNK_SIZE = 256 * KIB
-
-TORCH_NAME = "ckpt/torch"
-TORCH_PATH = "ckpt/torch/model.pt"
-SAFETENSORS_NAME = "st/model"
-SAFETENSORS_PATH = "st/model/model.safetensors"
-RAW_NAME = "data/raw"
-RAW_PATH = "data/raw/random.bin"
-# Larger than the smallest memory limit (16 MiB), so random reads evict.
-RAW_SIZE = 24 * MIB
+MIB = 1024 * 1024
 
 # The read deadline of the mounts that expect a read to fail.
 READ_TIMEOUT_S = 3.0
@@ -79,51 +78,14 @@ EIO_LOG = r"read failed with EIO"
 # Sources and the pushed store
 
 
-@dataclasses.dataclass(frozen=True)
-class PushedStore:
-    url: str
-    # File entries by path under the mountpoint.
-    entries: dict[str, FileEntry]
-
-    def stored_lengths(self) -> dict[str, int]:
-        return {
-            chunk.key: chunk.stored_length
-            for entry in self.entries.values()
-            for chunk in entry.chunks
-        }
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> Sources:
     return write_sources(str(tmp_path_factory.mktemp("fault-sources")), RAW_SIZE)
 
 
-def push(store: str, source: str, name: str, endpoint: str | None = None) -> None:
-    args = ["push", "--store", store, "--chunk-size", str(CHUNK_SIZE)]
-    if endpoint:
-        args += ["--endpoint-url", endpoint]
-    result = run_shardfs(*args, source, name)
-    assert result.returncode == 0, f"push of {name} failed: {result.stderr}"
-
-
 @pytest.fixture(scope="module")
 def pushed(moto_endpoint, sources) -> PushedStore:
-    client = boto3.client("s3", endpoint_url=moto_endpoint)
-    bucket = f"faults-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=bucket)
-    prefix = "models-root"
-    url = f"s3://{bucket}/{prefix}"
-    entries = {}
-    for source, name in (
-        (sources.checkpoint, TORCH_NAME),
-        (sources.safetensors, SAFETENSORS_NAME),
-        (sources.raw, RAW_NAME),
-    ):
-        push(url, source, name, moto_endpoint)
-        body = client.get_object(Bucket=bucket, Key=f"{prefix}/models/{name}/manifest.json")
-        for entry in parse_manifest(name, body["Body"].read()).files:
-            entries[f"{name}/{entry.path}"] = entry
-    return PushedStore(url, entries)
+    return push_models(moto_endpoint, sources, "faults")
 
 
 @pytest.fixture
@@ -155,20 +117,9 @@ def run_script(script: str, *arguments: str, timeout_s: float) -> tuple[int, str
     return process.returncode, stdout, stderr
 
 
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
 def read_text(path: str) -> str:
     with open(path, errors="replace") as file:
         return file.read()
-
-
-def read_source(path: str, offset: int, length: int) -> bytes:
-    with open(path, "rb") as file:
-        file.seek(offset)
-        return file.read(length)
 
 
 def read_whole(path: str) -> str:
@@ -176,24 +127,6 @@ def read_whole(path: str) -> str:
     with open(path, "rb", buffering=0) as file:
         os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         return hashlib.file_digest(file, "sha256").hexdigest()
-
-
-def timed_pread(path: str, offset: int, length: int) -> tuple[bytes | OSError, float]:
-    """Pread one range with the kernel's read-ahead off.
-
-    Returns the data or the error, and the seconds the pread took.
-    """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        started = time.monotonic()
-        try:
-            result = os.pread(fd, length, offset)
-        except OSError as exc:
-            result = exc
-        return result, time.monotonic() - started
-    finally:
-        os.close(fd)
 
 
 def log_lines(mount, level: str, pattern: str) -> list[str]:
@@ -228,20 +161,6 @@ def daemon_stats(mount) -> dict:
     wait_until(lambda: identity() not in (None, before), 10, "stats.json is written")
     with open(path) as file:
         return json.load(file)
-
-
-@contextlib.contextmanager
-def tmpfs(path: str, *options: str):
-    """Mount a tmpfs at *path* with *options* (such as ``size=4m``, ``ro``)."""
-    os.makedirs(path, exist_ok=True)
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", ",".join(("mode=0700", *options)), "tmpfs", path],
-        check=True,
-    )
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", path], check=False)
 
 
 # Transient faults under real loaders

@@ -23,7 +23,14 @@ import uuid
 
 import pytest
 
-from conftest import free_port, needs_fuse, run_shardfs
+from conftest import (
+    TINY_MODEL_FILE,
+    TINY_MODEL_SIZE,
+    free_port,
+    needs_fuse,
+    run_shardfs,
+    wait_unmounted,
+)
 from s3proxy import counting_proxy  # noqa: F401 (a fixture)
 from shardfs.commands import mount_helper
 from shardfs.errors import UsageError
@@ -34,8 +41,6 @@ UNIT_PATH = os.path.join(REPOSITORY, "systemd", "shardfs@.service")
 INSTALLED_COMMAND = "/usr/local/bin/shardfs"
 SCRIPTS = os.path.dirname(sys.executable)
 HELPER_LINK = "/sbin/mount.fuse.shardfs"
-MODEL_FILE = "org/tiny/weights.bin"
-MODEL_SIZE = 300_000
 READY_TIMEOUT_S = 60
 
 needs_systemd_analyze = pytest.mark.skipif(
@@ -277,21 +282,6 @@ class Service:
 
 
 @pytest.fixture
-def tiny_source(tmp_path):
-    source = tmp_path / "weights.bin"
-    source.write_bytes(os.urandom(MODEL_SIZE))
-    return source
-
-
-@pytest.fixture
-def tiny_store(tmp_path, tiny_source):
-    store = str(tmp_path / "store")
-    result = run_shardfs("push", "--store", store, str(tiny_source), "org/tiny")
-    assert result.returncode == 0, result.stderr
-    return store
-
-
-@pytest.fixture
 def start_service(tmp_path, notify_socket):
     services = []
 
@@ -333,7 +323,7 @@ def test_service_ready_only_after_mount_responds(
     _, sock = notify_socket
     fields = receive_fields(sock)
     assert os.path.ismount(service.mountpoint)
-    assert (service.mountpoint / MODEL_FILE).stat().st_size == MODEL_SIZE
+    assert (service.mountpoint / TINY_MODEL_FILE).stat().st_size == TINY_MODEL_SIZE
     assert fields["READY"] == "1"
     assert fields["STATUS"] == f"serving 1 models of {s3_store} at {service.mountpoint}"
     assert "is ready" in service.journal()
@@ -348,7 +338,7 @@ def test_service_stops_with_file_open_and_mapped(
     _, sock = notify_socket
     assert receive_fields(sock)["READY"] == "1"
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(service.mountpoint / MODEL_FILE)],
+        [sys.executable, "-c", HOLDER, str(service.mountpoint / TINY_MODEL_FILE)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     try:
@@ -376,7 +366,7 @@ def test_service_stops_with_file_open_and_mapped(
 def test_service_cache_in_cache_directory(tmp_path, tiny_store, notify_socket, start_service):
     service = start_service(f'store = "{tiny_store}"\nmountpoint = "{{mountpoint}}"\n')
     assert receive_fields(notify_socket[1])["READY"] == "1"
-    assert (service.mountpoint / MODEL_FILE).read_bytes()
+    assert (service.mountpoint / TINY_MODEL_FILE).read_bytes()
     assert service.stop() == 0
     cache = tmp_path / "cache" / service.instance
     assert (cache / "chunks").is_dir()
@@ -485,8 +475,8 @@ def test_unit_sandbox_allows_daemon_calls(tmp_path, tiny_store):
             assert daemon.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.1)
-        path = mountpoint / MODEL_FILE
-        assert len(path.read_bytes()) == MODEL_SIZE
+        path = mountpoint / TINY_MODEL_FILE
+        assert len(path.read_bytes()) == TINY_MODEL_SIZE
         with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ) as mapping:
             assert len(mapping[-4096:]) == 4096
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
@@ -628,15 +618,6 @@ def helper_installed():
         os.unlink(HELPER_LINK)
 
 
-def wait_unmounted(path, timeout_s: float = 30) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while os.path.ismount(path):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def mount_type(path) -> str | None:
     with open("/proc/self/mounts") as mounts:
         for line in mounts:
@@ -667,7 +648,7 @@ def test_mount_command_uses_helper(
     )
     assert result.returncode == 0, result.stderr
     assert mount_type(helper_mountpoint) == "fuse.shardfs"
-    assert (helper_mountpoint / MODEL_FILE).read_bytes() == tiny_source.read_bytes()
+    assert (helper_mountpoint / TINY_MODEL_FILE).read_bytes() == tiny_source.read_bytes()
     device = os.stat(helper_mountpoint).st_dev
     with open(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb") as file:
         assert file.read().strip() == "128"
@@ -692,7 +673,7 @@ def test_fstab_line_mounts(helper_installed, helper_mountpoint, tiny_store, tiny
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert (helper_mountpoint / MODEL_FILE).read_bytes() == tiny_source.read_bytes()
+    assert (helper_mountpoint / TINY_MODEL_FILE).read_bytes() == tiny_source.read_bytes()
     assert (tmp_path / "cache" / "daemon.log").exists()
     unmount = subprocess.run(["umount", str(helper_mountpoint)], capture_output=True, text=True)
     assert unmount.returncode == 0, unmount.stderr

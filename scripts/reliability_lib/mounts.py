@@ -1,31 +1,14 @@
-"""The moto server, pushes and shardfs daemons of the reliability runs."""
+"""The moto server and shardfs daemons of the reliability runs."""
 
 import contextlib
-import dataclasses
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 
-import boto3
-
-from fault_harness import Sources
-from shardfs.manifest import FileEntry, parse_manifest
-
-# The checkout whose shardfs every command runs: `python -m shardfs` puts
-# the working directory first on sys.path.
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-CHUNK_SIZE = 256 * 1024
-TORCH_NAME = "ckpt/torch"
-TORCH_PATH = "ckpt/torch/model.pt"
-SAFETENSORS_NAME = "st/model"
-SAFETENSORS_PATH = "st/model/model.safetensors"
-RAW_NAME = "data/raw"
-RAW_PATH = "data/raw/random.bin"
+from fault_harness import REPO
 
 READY_TIMEOUT_S = 60.0
 
@@ -67,51 +50,6 @@ def moto_server(log_path: str):
 
 def shardfs_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "shardfs", *args]
-
-
-def push(store: str, source: str, name: str, endpoint: str | None = None) -> None:
-    args = ["push", "--store", store, "--chunk-size", str(CHUNK_SIZE)]
-    if endpoint:
-        args += ["--endpoint-url", endpoint]
-    result = subprocess.run(
-        shardfs_command(*args, source, name), cwd=REPO, capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"push of {name} failed: {result.stderr.strip()}")
-
-
-@dataclasses.dataclass
-class PushedStore:
-    url: str
-    # File entries by path under the mountpoint.
-    entries: dict[str, FileEntry]
-
-    def stored_lengths(self) -> dict[str, int]:
-        return {
-            chunk.key: chunk.stored_length
-            for entry in self.entries.values()
-            for chunk in entry.chunks
-        }
-
-
-def push_models(endpoint: str, sources: Sources) -> PushedStore:
-    """Push the three source files to a new bucket on *endpoint*, one model each."""
-    client = boto3.client("s3", endpoint_url=endpoint)
-    bucket = f"reliability-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=bucket)
-    url = f"s3://{bucket}/models-root"
-    entries = {}
-    for source, name in (
-        (sources.checkpoint, TORCH_NAME),
-        (sources.safetensors, SAFETENSORS_NAME),
-        (sources.raw, RAW_NAME),
-    ):
-        push(url, source, name, endpoint)
-        key = f"models-root/models/{name}/manifest.json"
-        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        for entry in parse_manifest(name, body).files:
-            entries[f"{name}/{entry.path}"] = entry
-    return PushedStore(url, entries)
 
 
 class Daemon:
@@ -210,15 +148,3 @@ def running(store: str, mountpoint: str, *options: str, endpoint: str | None = N
             daemon.stop()
         else:
             daemon.kill()
-
-
-@contextlib.contextmanager
-def tmpfs(path: str, *options: str):
-    """Mount a tmpfs at *path* with *options* (such as ``size=4m``, ``ro``)."""
-    os.makedirs(path, exist_ok=True)
-    mount_options = ",".join(("mode=0700", *options))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", mount_options, "tmpfs", path], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", path], check=False)

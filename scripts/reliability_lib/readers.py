@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from fault_harness import Sources
+from fault_harness import Sources, file_sha256, read_source, timed_pread
 
 CHILD_TIMEOUT_S = 180.0
 
@@ -38,17 +38,6 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
-def read_bytes(path: str, offset: int, length: int) -> bytes:
-    with open(path, "rb") as file:
-        file.seek(offset)
-        return file.read(length)
-
-
 def read_whole(path: str) -> tuple[str | OSError, float]:
     """Read *path* from a dropped page cache.
 
@@ -62,24 +51,6 @@ def read_whole(path: str) -> tuple[str | OSError, float]:
     except OSError as exc:
         return exc, time.monotonic() - started
     return digest, time.monotonic() - started
-
-
-def timed_pread(path: str, offset: int, length: int) -> tuple[bytes | OSError, float]:
-    """Pread one range with the kernel's read-ahead off.
-
-    Returns the data or the error, and the seconds the pread took.
-    """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        started = time.monotonic()
-        try:
-            result = os.pread(fd, length, offset)
-        except OSError as exc:
-            result = exc
-        return result, time.monotonic() - started
-    finally:
-        os.close(fd)
 
 
 def read_chunks_at_once(path: str, chunks) -> dict[str, tuple[bytes | OSError, float]]:
@@ -146,7 +117,7 @@ def describe_chunk_reads(results: dict, chunks, source: str) -> tuple[str, bool]
         if isinstance(result, OSError):
             outcomes.append(f"{describe_error(result)} after {seconds:.1f} s")
             ok = ok and result.errno == errno.EIO
-        elif result == read_bytes(source, chunk.offset, chunk.length):
+        elif result == read_source(source, chunk.offset, chunk.length):
             outcomes.append("exact")
         else:
             outcomes.append("WRONG BYTES")

@@ -11,28 +11,25 @@ import time
 
 import fault_harness
 from fault_harness import (
+    CHUNK_SIZE,
     LOAD_SCRIPT,
     RANDOM_PREAD_SCRIPT,
-    WHOLE_READ_SCRIPT,
-    FaultPlan,
-    PlannedProxy,
-    Sources,
-    large_manifests,
-    nested_manifest,
-)
-from reliability_lib.mounts import (
-    CHUNK_SIZE,
     RAW_PATH,
     SAFETENSORS_NAME,
     SAFETENSORS_PATH,
     TORCH_NAME,
     TORCH_PATH,
-    Daemon,
+    WHOLE_READ_SCRIPT,
+    FaultPlan,
+    PlannedProxy,
     PushedStore,
+    Sources,
+    large_manifests,
+    nested_manifest,
     push,
-    running,
     tmpfs,
 )
+from reliability_lib.mounts import Daemon, running
 from reliability_lib.readers import (
     describe_chunk_reads,
     describe_error,

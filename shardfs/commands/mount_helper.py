@@ -18,8 +18,9 @@ import logging
 import sys
 
 from shardfs.commands import mount_cmd
+from shardfs.commands.entry_point import configure_logging, run_with_exit_status
 from shardfs.config_file import CONFIG_OPTION, SETTINGS, SettingValue
-from shardfs.errors import ShardfsError, UsageError
+from shardfs.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -156,17 +157,11 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("botocore", "boto3", "urllib3", "s3transfer"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        return run(sys.argv[1:] if argv is None else argv) or 0
-    except UsageError as exc:
-        print(f"shardfs: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ShardfsError as exc:
-        print(f"shardfs: error: {exc}", file=sys.stderr)
-        return EXIT_MOUNT_FAILED
-    except KeyboardInterrupt:
-        print("shardfs: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    configure_logging(logging.WARNING)
+    arguments = sys.argv[1:] if argv is None else argv
+    return run_with_exit_status(
+        lambda: run(arguments),
+        exit_usage=EXIT_USAGE,
+        exit_failed=EXIT_MOUNT_FAILED,
+        exit_interrupted=EXIT_INTERRUPTED,
+    )

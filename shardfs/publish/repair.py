@@ -29,9 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-import sys
 import threading
-import time
 
 from shardfs import codec
 from shardfs.config import format_size
@@ -43,6 +41,7 @@ from shardfs.errors import (
     StoreError,
 )
 from shardfs.manifest import Manifest, parse_manifest
+from shardfs.publish.progress import ProgressBar
 from shardfs.publish.retire import RETIRED_PREFIX, retired_model_name
 from shardfs.stores.base import (
     CHUNKS_PREFIX,
@@ -99,31 +98,24 @@ class RepairProgress:
         self.total = total
         self.done = 0
         self.copied = 0
-        self._stream = stream or sys.stderr
-        self._interactive = self._stream.isatty()
+        self._bar = ProgressBar(stream)
         self._lock = threading.Lock()
-        self._last_draw = 0.0
 
     def advance(self, copied: int) -> None:
         with self._lock:
             self.done += 1
             self.copied += copied
-            now = time.monotonic()
-            if not self._interactive or (now - self._last_draw < 0.1 and self.done < self.total):
+            # The last chunk always redraws, so the bar ends full.
+            if not self._bar.due(force=self.done >= self.total):
                 return
-            self._last_draw = now
             share = self.done / self.total if self.total else 1.0
-            filled = int(share * 30)
-            bar = "#" * filled + "-" * (30 - filled)
-            self._stream.write(
-                f"\r[{bar}] {self.done} / {self.total} chunks  {self.copied} copies written "
+            self._bar.draw(
+                share, f"{self.done} / {self.total} chunks  {self.copied} copies written "
             )
-            self._stream.flush()
 
     def finish(self) -> None:
-        if self._interactive and self.total:
-            self._stream.write("\n")
-            self._stream.flush()
+        if self.total:
+            self._bar.end_line()
 
 
 def repair(

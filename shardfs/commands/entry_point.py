@@ -1,0 +1,46 @@
+"""Logging setup and error reporting shared by the shardfs entry points.
+
+Both ``shardfs`` and ``mount.fuse.shardfs`` log to stderr in one format and
+turn a shardfs error into a one-line message and an exit status. Each
+caller passes its own exit status numbers, because a mount(8) helper
+follows mount(8)'s.
+"""
+
+import logging
+import sys
+from collections.abc import Callable
+
+from shardfs.errors import ShardfsError, UsageError
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: int | str) -> None:
+    """Send log records at *level* and above to stderr in `LOG_FORMAT`."""
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    # The S3 client logs every request and retry at DEBUG; shardfs logs the
+    # failures that matter itself.
+    for name in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_with_exit_status(
+    run: Callable[[], int | None], *, exit_usage: int, exit_failed: int, exit_interrupted: int
+) -> int:
+    """Call *run* and return its exit status, or 0 when it returns None.
+
+    A `UsageError` returns *exit_usage*, any other `ShardfsError`
+    *exit_failed*, and KeyboardInterrupt *exit_interrupted*, each after a
+    one-line message on stderr. Other exceptions propagate.
+    """
+    try:
+        return run() or 0
+    except UsageError as exc:
+        print(f"shardfs: error: {exc}", file=sys.stderr)
+        return exit_usage
+    except ShardfsError as exc:
+        print(f"shardfs: error: {exc}", file=sys.stderr)
+        return exit_failed
+    except KeyboardInterrupt:
+        print("shardfs: interrupted", file=sys.stderr)
+        return exit_interrupted
