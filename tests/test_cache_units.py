@@ -259,6 +259,34 @@ def test_read_ahead_fetches_rest_of_tensor_only():
     assert list(wanted) == list(range(tensor[0] // MiB + 1, last_chunk + 1))
 
 
+def test_read_ahead_fault_before_tensor_stays_in_it():
+    # As traced from safe_open on a mount: the first read of a faulting
+    # reader ends at its page, 312 bytes before the tensor, and the next
+    # reads walk the tensor and 1 MiB of kernel read-ahead past it.
+    tensor_start = 8 * MiB + 312
+    spans = [(0, 100), (100, tensor_start), (tensor_start, tensor_start + 8 * MiB)]
+    spans.append((spans[-1][1], 40 * MiB))
+    state = _read_ahead(40, spans=spans, crossing_margin=8 * MiB)
+    wanted = set()
+    for offset in range(7 * MiB, 18 * MiB, MiB):
+        wanted.update(state.on_read(offset, offset + MiB))
+    assert max(wanted) == (tensor_start + 8 * MiB - 1) // MiB
+
+
+def test_read_ahead_nearby_reader_is_new_stream():
+    # One reader reads tensor A and 1 MiB past it. Later another starts on
+    # tensor C, past the small tensor B: a new stream, not A's stream
+    # crossing into a second tensor.
+    spans = [(0, 100), (100, 8 * MiB), (8 * MiB, 12 * MiB), (12 * MiB, 20 * MiB), (20 * MiB, 40 * MiB)]
+    state = _read_ahead(40, spans=spans, crossing_margin=4 * MiB)
+    for offset in range(0, 9 * MiB, MiB):
+        state.on_read(offset, offset + MiB)
+    wanted = set()
+    for offset in range(11 * MiB, 21 * MiB, MiB):
+        wanted.update(state.on_read(offset, offset + MiB))
+    assert max(wanted) == 19
+
+
 def test_read_ahead_whole_file_load_crosses_tensors():
     spans = [(0, 100)] + [(100 + i * 2 * MiB, 100 + (i + 1) * 2 * MiB) for i in range(20)]
     state = _read_ahead(41, spans=spans, crossing_margin=2 * MiB, max_chunks=8)

@@ -19,6 +19,7 @@ import bisect
 import collections
 import dataclasses
 import logging
+import mmap
 
 from shardfs import formats
 from shardfs.config import PrefetchConfig
@@ -26,12 +27,19 @@ from shardfs.manifest import FileEntry
 
 log = logging.getLogger(__name__)
 
+PAGE_SIZE = mmap.PAGESIZE
+# The gap a read may leave after the furthest read of a stream and still
+# continue it: twice the 1 MiB FUSE read size, for reads that arrive out
+# of order.
+MAX_GAP = 2 * 1024 * 1024
+
 
 @dataclasses.dataclass
 class _Stream:
     last_chunk: int
     window: int
     unit_end: int  # end offset of the span the stream started in
+    last_end: int  # the furthest end offset of its reads
     crossed: bool = False
 
 
@@ -69,13 +77,15 @@ class ReadAhead:
             return range(0)
         first = self._chunk_of(start)
         last = self._chunk_of(min(end, self._size) - 1)
-        stream = self._match_stream(first)
+        stream = self._match_stream(first, start)
 
         if stream is None:
-            # The kernel reads from a little before a faulting page, so a
-            # reader's first read often starts in the span before the one
-            # it is after; the span holding the read's end is the one.
-            stream = _Stream(last, 0, self._span_end(min(end, self._size) - 1))
+            # A page fault makes the kernel read around the faulting page,
+            # and its first FUSE read often ends where that page starts:
+            # up to a page before the tensor the reader wants, because
+            # tensor data is not page-aligned. So the span one page past
+            # the read's end is the one the stream is after.
+            stream = _Stream(last, 0, self._span_end(min(end + PAGE_SIZE, self._size) - 1), end)
             self._remember(last, stream)
         elif last > stream.last_chunk:
             del self._streams[stream.last_chunk]
@@ -92,6 +102,8 @@ class ReadAhead:
                     stream.window = min(stream.window * 2, self._config.max_chunks)
             self._remember(last, stream)
 
+        stream.last_end = max(stream.last_end, end)
+
         if not self.spans:
             limit = last + stream.window
         elif not stream.crossed:
@@ -105,12 +117,19 @@ class ReadAhead:
         limit = min(limit, last + self._config.max_chunks, len(self._chunk_starts) - 1)
         return range(last + 1, limit + 1)
 
-    def _match_stream(self, first_chunk: int) -> _Stream | None:
-        """Return the stream that a read starting in *first_chunk* continues."""
+    def _match_stream(self, first_chunk: int, start: int) -> _Stream | None:
+        """Return the stream that a read at *start*, in *first_chunk*, continues."""
         for last_chunk, stream in reversed(self._streams.items()):
             reach = max(1, stream.window)
-            if last_chunk <= first_chunk <= last_chunk + reach:
-                return stream
+            if not last_chunk <= first_chunk <= last_chunk + reach:
+                continue
+            # A stream with no window yet reads one tensor, and the reads of
+            # one reader leave no gaps. A read further on is another reader
+            # that came back near an old tensor: counting it as the same
+            # stream would make that stream look like a whole-file load.
+            if stream.window == 0 and start > stream.last_end + MAX_GAP:
+                continue
+            return stream
         return None
 
     def _remember(self, last_chunk: int, stream: _Stream) -> None:
