@@ -157,9 +157,12 @@ class MountConfig:
     cache_dir: str
     allow_other: bool = False
     # Decoded chunks kept in memory, in bytes. The SSD cache holds the rest,
-    # so this bounds resident memory rather than speed: 256 MiB is 32
-    # chunks of the default 8 MiB.
-    memory_limit: int = 256 * MiB
+    # so this bounds resident memory rather than speed: 192 MiB is 24
+    # chunks of the default 8 MiB. Chunks in flight from the store come on
+    # top: with 192 MiB a cold 2 GiB load from S3 peaked at 337 MiB
+    # resident, with 256 MiB at 410 MiB, at the same speed
+    # (scripts/bench.py, 2-core VM).
+    memory_limit: int = 192 * MiB
     # The SSD cache cap: a byte count, or else a share of the cache
     # directory's filesystem, resolved at start.
     cache_bytes: int | None = None
