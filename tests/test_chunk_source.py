@@ -204,3 +204,21 @@ def test_advise_ignores_missing_file(tmp_path):
     cache.advise(key)
     cache.advise("0" * 32)  # a missing file is ignored
     assert cache.read(key, len(DATA)) == DATA
+
+
+async def test_verified_chunk_small_read_skips_memory(tmp_path):
+    store, source, chunk = _setup(tmp_path)
+    async with trio.open_nursery() as nursery:
+        source.start(nursery)
+        await source.get(chunk)
+    restarted = ChunkSource(store, MemoryCache(1 << 26), source.disk, 4, 2, FAST_RETRY)
+    # The first read verifies the cache file, which loads the whole chunk.
+    assert await restarted.read(chunk, 0, 100) == DATA[:100]
+    restarted.memory = MemoryCache(1 << 26)
+
+    assert await restarted.read(chunk, 5000, 5100) == DATA[5000:5100]
+    assert chunk.key not in restarted.memory
+    large_end = len(DATA) // 2
+    assert await restarted.read(chunk, 0, large_end) == DATA[:large_end]
+    assert chunk.key in restarted.memory
+    assert store.gets == 1

@@ -35,6 +35,9 @@ TRANSIENT_ERRORS = (StoreUnavailable, ChunkCorrupt)
 # Damage that survives a second fetch is in the stored object itself, and
 # waiting out the deadline would not repair it.
 MAX_CORRUPT_ATTEMPTS = 2
+# Reads shorter than this share of their chunk are served from the disk
+# cache by range, without loading the chunk into memory.
+SMALL_READ_DIVISOR = 8
 # Chunks remembered as already hinted into the page cache: far more than
 # one read-ahead window, so the chunks of a window are hinted once.
 _ADVISED_KEYS = 1024
@@ -180,7 +183,12 @@ class ChunkSource:
         if data is not None:
             self.stats.memory_hits += 1
             return memoryview(data)[start:end]
-        if self.disk is not None and self.disk.is_verified(chunk.key):
+        # A small read of a chunk verified on disk reads just its range. A
+        # larger one, such as the kernel's 1 MiB read-ahead, is most often one of a run
+        # that reads the whole chunk, so the chunk is loaded into memory
+        # once instead of once per read.
+        small = end - start < chunk.length // SMALL_READ_DIVISOR
+        if small and self.disk is not None and self.disk.is_verified(chunk.key):
             async with self._disk_io:
                 part = await trio.to_thread.run_sync(
                     self.disk.read_range, chunk.key, start, end
