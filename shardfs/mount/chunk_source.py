@@ -184,9 +184,9 @@ class ChunkSource:
             self.stats.memory_hits += 1
             return memoryview(data)[start:end]
         # A small read of a chunk verified on disk reads just its range. A
-        # larger one, such as the kernel's 1 MiB read-ahead, is most often one of a run
-        # that reads the whole chunk, so the chunk is loaded into memory
-        # once instead of once per read.
+        # larger one, such as the kernel's 1 MiB read-ahead, is most often
+        # one of a run that reads the whole chunk, so the chunk is loaded
+        # into memory once instead of once per read.
         small = end - start < chunk.length // SMALL_READ_DIVISOR
         if small and self.disk is not None and self.disk.is_verified(chunk.key):
             async with self._disk_io:
