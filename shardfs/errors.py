@@ -43,6 +43,19 @@ class ObjectNotFound(StoreError):
         self.key = key
 
 
+class ObjectInvalid(StoreError):
+    """An object exists but cannot be read as one, such as a FIFO in place of a file.
+
+    Reading it again gives the same result, so callers treat it as damage
+    to that object, not as a store outage.
+    """
+
+    def __init__(self, url: str, key: str, reason: str):
+        super().__init__(f"object {key} in store {url} is invalid: {reason}")
+        self.key = key
+        self.reason = reason
+
+
 class ModelNotFound(ShardfsError):
     def __init__(self, model: str, url: str):
         super().__init__(f"model {model!r} not found in store {url}")
@@ -108,6 +121,7 @@ class ReadFailed(ShardfsError):
 _ERRNO_TABLE: tuple[tuple[type[BaseException], int], ...] = (
     (ReadFailed, errno.EIO),
     (ObjectNotFound, errno.EIO),
+    (ObjectInvalid, errno.EIO),
     (ChunkUnavailable, errno.EIO),
     (ChunkCorrupt, errno.EIO),
     (StoreUnavailable, errno.EIO),

@@ -33,6 +33,7 @@ from fault_harness import (
     CHUNK_SIZE,
     LOAD_SCRIPT,
     NESTED_MANIFESTS,
+    RAW_NAME,
     RANDOM_PREAD_SCRIPT,
     RAW_PATH,
     RAW_SIZE,
@@ -943,3 +944,41 @@ def test_nested_manifest_keeps_refresh_running(local_store_with_good_model, sour
     assert daemon_running
     assert digest == file_sha256(sources.checkpoint)
     assert len(rejections) == 1, rejections
+
+
+@needs_fuse
+def test_fifo_chunk_fails_only_its_reads(sources, tmp_path):
+    store = str(tmp_path / "store")
+    push(store, sources.raw, RAW_NAME)
+    push(store, sources.checkpoint, GOOD_NAME)
+    with open(os.path.join(store, "models", RAW_NAME, "manifest.json"), "rb") as file:
+        (entry,) = parse_manifest(RAW_NAME, file.read()).files
+    fifo_chunk = entry.chunks[1]
+    chunk_path = os.path.join(store, "chunks", fifo_chunk.key[:2], fifo_chunk.key)
+    os.unlink(chunk_path)
+    os.mkfifo(chunk_path)
+    # Two connection slots, so two reads that each held a slot for good
+    # would block every other read of the mount.
+    options = ["--read-timeout", str(READ_TIMEOUT_S), "--max-connections", "2", "--no-prefetch"]
+    fifo_results = []
+
+    with mounted(store, str(tmp_path / "mnt"), *options) as mount:
+        mount.expect_log(EIO_LOG)
+        path = os.path.join(mount.path, RAW_PATH)
+        for attempt in range(2):
+            if attempt:
+                time.sleep(FAILURE_TTL_S + 0.2)
+            fifo_results.append(timed_pread(path, fifo_chunk.offset, fifo_chunk.length))
+        other_model_digest = read_whole(os.path.join(mount.path, GOOD_NAME, "model.pt"))
+        after = entry.chunks[2]
+        neighbour, _ = timed_pread(path, after.offset, after.length)
+        error_lines = log_lines(mount, "ERROR", EIO_LOG)
+
+    for result, elapsed in fifo_results:
+        assert isinstance(result, OSError) and result.errno == errno.EIO, result
+        # Rejected at once, not after waiting out the deadline.
+        assert elapsed < READ_TIMEOUT_S, f"EIO after {elapsed:.2f} s"
+    assert other_model_digest == file_sha256(sources.checkpoint)
+    assert neighbour == read_source(sources.raw, after.offset, after.length)
+    assert error_lines, "no read failure was logged"
+    assert all("not a regular file" in line for line in error_lines), error_lines

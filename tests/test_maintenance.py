@@ -1,6 +1,7 @@
 """``shardfs verify``, ``gc`` and ``rm`` on local and S3 stores, and the store calls they use."""
 
 import os
+import threading
 import time
 
 import pytest
@@ -10,7 +11,7 @@ import safetensors.torch
 from conftest import free_port, mounted, needs_fuse, run_shardfs
 from shardfs import codec
 from shardfs.config import StoreConfig
-from shardfs.errors import ObjectNotFound
+from shardfs.errors import ObjectInvalid, ObjectNotFound
 from shardfs.manifest import parse_manifest
 from shardfs.publish.gc import collect_garbage
 from shardfs.publish.retire import RETIRED_PREFIX
@@ -107,6 +108,20 @@ def test_verify_finds_missing_and_corrupt(two_models):
     only_b = run_shardfs("verify", two_models.root, "org/b")
     assert only_b.returncode == 0, only_b.stdout
     assert "verified 1 model," in only_b.stdout
+
+
+def test_verify_reports_fifo_chunk(two_models):
+    key = sorted(chunk_keys(two_models, "org/a") - chunk_keys(two_models, "org/b"))[0]
+    path = os.path.join(two_models.root, chunk_object_key(key))
+    os.unlink(path)
+    os.mkfifo(path)
+    result = run_shardfs("verify", two_models.root, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if key in line]
+    assert len(lines) == 1, result.stdout
+    assert "is corrupt" in lines[0]
+    assert "it is a FIFO, not a regular file" in lines[0]
+    assert "1 corrupt" in result.stdout.splitlines()[-1]
 
 
 def test_verify_reports_unknown_encoding(two_models):
@@ -327,6 +342,48 @@ def test_store_stat_touch_delete(any_store):
     any_store.delete(key)
     with pytest.raises(ObjectNotFound):
         any_store.touch(key)
+
+
+NON_REGULAR_OBJECTS = {
+    "fifo": lambda path: os.mkfifo(path),
+    "directory": lambda path: os.mkdir(path),
+    "device": lambda path: os.symlink("/dev/null", path),
+}
+
+
+@pytest.mark.parametrize("kind", list(NON_REGULAR_OBJECTS))
+@pytest.mark.parametrize("method", ["get", "get_range"])
+def test_local_store_rejects_non_regular_object(tmp_path, kind, method):
+    store = LocalStore(str(tmp_path / "store"))
+    store.create()
+    key = chunk_object_key("ab" + "0" * 30)
+    path = os.path.join(store.root, key)
+    os.makedirs(os.path.dirname(path))
+    NON_REGULAR_OBJECTS[kind](path)
+    outcome = {}
+
+    def read() -> None:
+        try:
+            if method == "get":
+                outcome["data"] = store.get(key)
+            else:
+                outcome["data"] = store.get_range(key, 0, 10)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    blocked = thread.is_alive()
+    if blocked:
+        # Give the blocked open of the FIFO a writer, so the thread ends.
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(timeout=10)
+    assert not blocked, f"{method} of a {kind} blocked"
+    error = outcome.get("error")
+    assert isinstance(error, ObjectInvalid), outcome
+    assert "not a regular file" in str(error)
+    assert key in str(error)
 
 
 @needs_fuse

@@ -43,6 +43,7 @@ from shardfs.mount.chunk_source import ChunkSource
 from shardfs.mount.memory_cache import MemoryCache
 from shardfs.stores import open_store
 from shardfs.stores.base import ObjectInfo, chunk_object_key, manifest_object_key
+from shardfs.stores.local import LocalStore
 from shardfs.stores.placed import MemberConfig, PlacedStore, PlacedStoreConfig
 
 MIB = 1024 * 1024
@@ -389,6 +390,23 @@ def test_bad_copy_report_skips_member():
     # The member stays last for that key only.
     assert store.get(key) == chunk.data
     assert members[first.index].calls["get"] == 1
+
+
+def test_fifo_copy_read_from_other_member(tmp_path):
+    stores = [LocalStore(str(tmp_path / name)) for name in ("a", "b")]
+    members = tuple(MemberConfig(StoreConfig(url=store.url)) for store in stores)
+    store = PlacedStore(PlacedStoreConfig(members, 2, failure_threshold=1), stores)
+    chunk = encoded_chunk(21)
+    key = chunk_object_key(chunk.key)
+    store.put(key, chunk.data)
+    first = store.placement(chunk.key)[0]
+    path = os.path.join(first.store.root, key)
+    os.unlink(path)
+    os.mkfifo(path)
+
+    assert store.get(key) == chunk.data
+    # A damaged object is no outage of its member.
+    assert first.health.healthy(first.store.check)
 
 
 def test_bad_copy_report_unknown_key():

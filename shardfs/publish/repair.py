@@ -37,6 +37,7 @@ from shardfs.errors import (
     ChunkCorrupt,
     ChunkEncodingUnknown,
     ManifestInvalid,
+    ObjectInvalid,
     ObjectNotFound,
     StoreError,
 )
@@ -261,6 +262,9 @@ def _read_good_copy(member: Member, chunk: NamedChunk) -> bytes | None:
     try:
         data = member.store.get(chunk_object_key(chunk.key))
     except ObjectNotFound:
+        return None
+    except ObjectInvalid as exc:
+        log.warning("store member %s has an invalid copy: %s", member.name, exc)
         return None
     try:
         codec.decode(chunk.key, chunk.length, data)

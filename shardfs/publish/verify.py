@@ -16,6 +16,7 @@ from shardfs.errors import (
     ChunkCorrupt,
     ChunkEncodingUnknown,
     ManifestInvalid,
+    ObjectInvalid,
     ObjectNotFound,
 )
 from shardfs.manifest import Manifest, parse_manifest
@@ -120,6 +121,8 @@ def _check_chunk(store: Store, key: str, length: int) -> tuple[str, str] | None:
         data = store.get(chunk_object_key(key))
     except ObjectNotFound:
         return "missing", "object not found in the store"
+    except ObjectInvalid as exc:
+        return "corrupt", exc.reason
     try:
         codec.decode(key, length, data)
     except ChunkEncodingUnknown as exc:

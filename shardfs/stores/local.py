@@ -2,10 +2,12 @@
 
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 
 from shardfs.errors import (
+    ObjectInvalid,
     ObjectNotFound,
     StoreAccessDenied,
     StoreError,
@@ -52,17 +54,35 @@ class LocalStore:
 
     def get(self, key: str) -> bytes:
         try:
-            with open(self._path(key), "rb") as file:
+            with open(self._open_regular(key), "rb") as file:
                 return file.read()
         except OSError as exc:
             raise self._error(exc, key) from None
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
         try:
-            with open(self._path(key), "rb") as file:
+            with open(self._open_regular(key), "rb") as file:
                 return os.pread(file.fileno(), end - start, start)
         except OSError as exc:
             raise self._error(exc, key) from None
+
+    def _open_regular(self, key: str) -> int:
+        """Open the object's file for reading and return its descriptor.
+
+        Raises `ObjectInvalid` unless it is a regular file. The open does
+        not block (O_NONBLOCK), because opening a FIFO waits for a writer,
+        and reading a FIFO or a device may never end.
+        """
+        fd = os.open(self._path(key), os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise ObjectInvalid(self.url, key, f"it is {_file_type(mode)}, not a regular file")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def head(self, key: str) -> int | None:
         try:
@@ -141,3 +161,17 @@ class LocalStore:
         if exc.errno in (errno.EACCES, errno.EPERM):
             return StoreAccessDenied(self.url, f"{key}: {exc.strerror}")
         return StoreError(f"store {self.url}: {key}: {exc.strerror}")
+
+
+def _file_type(mode: int) -> str:
+    """Return the file type of *mode* in words, such as "a FIFO"."""
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return f"a file of type {stat.S_IFMT(mode):#o}"

@@ -36,7 +36,13 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 
 from shardfs.config import StoreConfig
-from shardfs.errors import ObjectNotFound, StoreError, StoreUnavailable, UsageError
+from shardfs.errors import (
+    ObjectInvalid,
+    ObjectNotFound,
+    StoreError,
+    StoreUnavailable,
+    UsageError,
+)
 from shardfs.stores.base import CHUNKS_PREFIX, ObjectInfo, Store
 from shardfs.stores.placement import Placement
 
@@ -576,7 +582,8 @@ def _start(member: Member, operation: Callable[[Store], object]) -> concurrent.f
     def run() -> None:
         try:
             result = operation(member.store)
-        except ObjectNotFound as exc:
+        except (ObjectNotFound, ObjectInvalid) as exc:
+            # The member responded: the object is missing or damaged there.
             member.health.succeeded()
             future.set_exception(exc)
         except StoreError as exc:
