@@ -98,7 +98,8 @@ class StoreConfig:
     # which includes its own AWS_ENDPOINT_URL variable.
     endpoint_url: str | None = None
     # Connections the S3 client keeps open; also the bound on concurrent
-    # store requests of one process.
+    # store requests of one process. A mount lets up to as many requests
+    # again run on after their read's deadline (see `ChunkSource`).
     max_connections: int = 16
     # Per-request timeouts in seconds, so a stalled connection fails and is
     # retried well within a read's deadline (RetryConfig.deadline_s).

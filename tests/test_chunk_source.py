@@ -1,5 +1,6 @@
 """The chunk source against in-memory stores that fail on purpose."""
 
+import logging
 import threading
 
 import pytest
@@ -15,7 +16,7 @@ from shardfs.errors import (
     StoreUnavailable,
 )
 from shardfs.manifest import ChunkRef
-from shardfs.mount.chunk_source import ChunkSource
+from shardfs.mount.chunk_source import ABANDONED_WARNING_S, ChunkSource
 from shardfs.mount.disk_cache import DiskCache
 from shardfs.mount.memory_cache import MemoryCache
 from shardfs.stores.base import chunk_object_key
@@ -222,3 +223,134 @@ async def test_verified_chunk_small_read_skips_memory(tmp_path):
     assert await restarted.read(chunk, 0, large_end) == DATA[:large_end]
     assert chunk.key in restarted.memory
     assert store.gets == 1
+
+
+class HangingStore:
+    """A store whose gets of the keys in *hung* block until their event is set."""
+
+    url = "memory://hanging"
+
+    def __init__(self, objects: dict[str, bytes], hung: set[str]):
+        self.objects = objects
+        self.hung = {key: threading.Event() for key in hung}
+
+    def get(self, key: str) -> bytes:
+        event = self.hung.get(key)
+        if event is not None:
+            event.wait()
+        return self.objects[key]
+
+    def release_all(self) -> None:
+        for event in self.hung.values():
+            event.set()
+
+
+def _hanging_setup(count: int, hung: range, connections: int, max_abandoned=None):
+    chunks, objects, contents = [], {}, []
+    for index in range(count):
+        data = bytes([index]) * 65536
+        encoded = codec.encode(data)
+        objects[chunk_object_key(encoded.key)] = encoded.data
+        chunks.append(ChunkRef(0, len(data), encoded.key, len(encoded.data)))
+        contents.append(data)
+    store = HangingStore(objects, {chunk_object_key(chunks[index].key) for index in hung})
+    retry = RetryConfig(deadline_s=0.3, failure_ttl_s=0)
+    options = {} if max_abandoned is None else {"max_abandoned": max_abandoned}
+    source = ChunkSource(store, MemoryCache(1 << 26), None, connections, 2, retry, **options)
+    return store, source, chunks, contents
+
+
+async def _wait_for(condition, timeout_s: float = 5.0) -> None:
+    with trio.fail_after(timeout_s):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+async def test_abandoned_request_frees_its_slot(caplog):
+    caplog.set_level(logging.INFO, logger="shardfs.mount.chunk_source")
+    store, source, chunks, contents = _hanging_setup(2, range(1), connections=1)
+    async with trio.open_nursery() as nursery:
+        source.start(nursery)
+        try:
+            with pytest.raises(ChunkUnavailable, match="no response"):
+                await source.get(chunks[0])
+            assert await source.get(chunks[1]) == contents[1]
+            assert source.abandoned_in_flight == 1
+            assert source.connections.in_use == 0
+            assert source.stats.abandoned_fetches == 1
+            # Logged once the request has run for ABANDONED_WARNING_S.
+            await _wait_for(lambda: _warnings(caplog))
+        finally:
+            store.release_all()
+        await _wait_for(lambda: source.abandoned_in_flight == 0)
+    assert source.connections.in_use == 0
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1, warnings
+    assert chunks[0].key in warnings[0]
+    assert store.url in warnings[0]
+    assert "it runs on without a connection slot" in warnings[0]
+    ended = [r.getMessage() for r in caplog.records if "ended after" in r.getMessage()]
+    assert len(ended) == 1, ended
+    assert chunks[0].key in ended[0]
+
+
+async def test_abandoned_requests_are_capped(caplog):
+    store, source, chunks, contents = _hanging_setup(3, range(2), connections=1, max_abandoned=1)
+    async with trio.open_nursery() as nursery:
+        source.start(nursery)
+        try:
+            for chunk in chunks[:2]:
+                with pytest.raises(ChunkUnavailable):
+                    await source.get(chunk)
+            # The second abandoned request is past the cap, so it keeps the
+            # only slot and the third chunk cannot be fetched.
+            assert source.abandoned_in_flight == 1
+            assert source.connections.in_use == 1
+            with pytest.raises(ChunkUnavailable):
+                await source.get(chunks[2])
+            await _wait_for(lambda: len(_warnings(caplog)) == 2)
+            store.hung[chunk_object_key(chunks[1].key)].set()
+            await _wait_for(lambda: source.connections.in_use == 0)
+            assert await source.get(chunks[2]) == contents[2]
+        finally:
+            store.release_all()
+        await _wait_for(lambda: source.abandoned_in_flight == 0)
+    warnings = _warnings(caplog)
+    assert len(warnings) == 2, warnings
+    assert chunks[1].key in warnings[1]
+    assert "keeps its connection slot" in warnings[1]
+
+
+async def test_briefly_abandoned_request_not_warned(caplog):
+    store, source, chunks, _ = _hanging_setup(1, range(1), connections=1)
+    async with trio.open_nursery() as nursery:
+        source.start(nursery)
+        try:
+            with pytest.raises(ChunkUnavailable):
+                await source.get(chunks[0])
+            store.release_all()
+            await _wait_for(lambda: source.abandoned_in_flight == 0)
+            await trio.sleep(ABANDONED_WARNING_S)
+        finally:
+            store.release_all()
+    assert _warnings(caplog) == []
+    assert source.stats.abandoned_fetches == 1
+
+
+async def test_cancelled_reader_releases_slot(caplog):
+    store, source, chunks, contents = _hanging_setup(1, range(1), connections=1)
+    try:
+        with trio.move_on_after(0.1):
+            await source.get(chunks[0])
+        # Abandoned before its deadline, so without a warning, but off its slot.
+        assert source.abandoned_in_flight == 1
+        assert source.connections.in_use == 0
+    finally:
+        store.release_all()
+    await _wait_for(lambda: source.abandoned_in_flight == 0)
+    assert source.connections.in_use == 0
+    assert _warnings(caplog) == []

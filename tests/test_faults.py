@@ -74,6 +74,7 @@ FAILURE_TTL_S = RetryConfig().failure_ttl_s
 
 RETRY_LOG = r"retrying chunk"
 EIO_LOG = r"read failed with EIO"
+ABANDONED_LOG = r"past its read's deadline; it runs on without a connection slot"
 
 
 # Sources and the pushed store
@@ -234,9 +235,10 @@ def test_persistent_fault_eio_within_deadline(pushed, sources, proxy, tmp_path):
         mount.expect_log(EIO_LOG)
         # Requests abandoned at the deadline keep running with their
         # connections, so urllib3 may find its pool full when the reads of
-        # other files follow. test_abandoned_requests_respect_connection_limit
+        # other files follow. test_abandoned_requests_free_their_slots
         # checks the limit itself.
         mount.expect_log(r"Connection pool is full")
+        mount.expect_log(ABANDONED_LOG)
         path = os.path.join(mount.path, RAW_PATH)
 
         def read_broken(kind: str) -> None:
@@ -288,14 +290,15 @@ def test_persistent_fault_eio_within_deadline(pushed, sources, proxy, tmp_path):
 
 
 @needs_fuse
-def test_abandoned_requests_respect_connection_limit(pushed, sources, proxy, tmp_path):
+def test_abandoned_requests_free_their_slots(pushed, sources, proxy, tmp_path):
     connections = 4
     entry = pushed.entries[RAW_PATH]
     stalled = entry.chunks[:connections]
     later = entry.chunks[connections : 2 * connections]
     # Each stalled reply takes three read deadlines, so the requests
     # abandoned at the deadline are still in flight when the later reads
-    # start, and must still count against --max-connections.
+    # start. They run without a connection slot, so the later reads get
+    # slots at once, and the abandoned ones are capped at --max-connections.
     read_timeout_s = 1.0
     proxy.plan = FaultPlan(
         (),
@@ -325,25 +328,26 @@ def test_abandoned_requests_respect_connection_limit(pushed, sources, proxy, tmp
     with mounted(pushed.url, str(tmp_path / "mnt"), *options, endpoint=proxy.url) as mount:
         mount.expect_log(EIO_LOG)
         mount.expect_log(r"Connection pool is full")
+        mount.expect_log(ABANDONED_LOG)
         path = os.path.join(mount.path, RAW_PATH)
         read_all(stalled_results, stalled)
         read_all(later_results, later)
         in_flight = proxy.max_chunk_gets_in_flight()
+        abandoned_lines = log_lines(mount, "WARNING", ABANDONED_LOG)
 
     for chunk in stalled:
-        result, _ = stalled_results[chunk.key]
+        result, elapsed = stalled_results[chunk.key]
         assert isinstance(result, OSError) and result.errno == errno.EIO, result
+        assert elapsed <= read_timeout_s + DEADLINE_SLACK_S, f"EIO after {elapsed:.2f} s"
     for chunk in later:
-        # A later read may wait out its own deadline behind the abandoned
-        # requests, but it never returns other bytes.
         result, _ = later_results[chunk.key]
-        if isinstance(result, OSError):
-            assert result.errno == errno.EIO, result
-        else:
-            assert result == read_source(sources.raw, chunk.offset, chunk.length)
-    assert in_flight <= connections, (
+        assert result == read_source(sources.raw, chunk.offset, chunk.length)
+    assert in_flight <= 2 * connections, (
         f"{in_flight} chunk GETs were in flight at once with --max-connections {connections}"
     )
+    for chunk in stalled:
+        naming = [line for line in abandoned_lines if chunk.key in line]
+        assert len(naming) == 1, abandoned_lines
 
 
 # Manifest throttling

@@ -84,8 +84,9 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     )
     store.add_argument(
         "--max-connections", dest="max_connections", metavar="N",
-        help=f"concurrent store requests of the whole mount (default: "
-        f"{StoreConfig.max_connections})",
+        help="concurrent store requests of the whole mount; a request still running "
+        "when its read's deadline passes gives its slot back, and up to N such "
+        f"requests may run on top (default: {StoreConfig.max_connections})",
     )
     store.add_argument(
         "--read-timeout", dest="read_timeout", metavar="SECONDS",

@@ -22,8 +22,12 @@ def run(args) -> int:
     print(f"models         {reply['models']}")
     print(f"served         {format_size(reply['bytes_read'])} in {reply['reads']} reads, "
           f"{reply['read_errors']} failed")
+    in_flight = f"{reply['fetches_in_flight']} in flight"
+    # A daemon started by an older shardfs does not report abandoned requests.
+    if reply.get("abandoned_in_flight"):
+        in_flight += f" and {reply['abandoned_in_flight']} abandoned"
     print(f"fetched        {format_size(reply['bytes_fetched'])} in {reply['chunks_fetched']} "
-          f"requests, {reply['fetches_in_flight']} in flight, {reply['retries']} retries")
+          f"requests, {in_flight}, {reply['retries']} retries")
     print(f"cache          {format_size(reply['disk_cache_bytes'])} of "
           f"{format_size(reply['disk_cache_limit_bytes'])} on disk, "
           f"{format_size(reply['memory_bytes'])} in memory, "

@@ -7,6 +7,14 @@ from any number of readers and the prefetcher, share one flight. Store
 requests wait on a `PriorityLimiter`, so a reader's request goes ahead of
 queued prefetch requests. Blocking work (store calls, decoding, cache file
 I/O) runs in worker threads. All methods run in the daemon's trio thread.
+
+A store request that is still running when its reader stops waiting (at
+the read deadline) is abandoned: its thread runs on, but the request gives
+its connection slot back, so one hung request cannot block every other
+read. At most `ChunkSource.max_abandoned` abandoned requests run at once
+off a slot. Past that an abandoned request keeps its slot until it ends,
+so a store that never answers cannot make the mount start threads without
+bound.
 """
 
 import collections
@@ -14,6 +22,7 @@ import dataclasses
 import logging
 import random
 
+import outcome
 import trio
 
 from shardfs import codec
@@ -41,6 +50,10 @@ SMALL_READ_DIVISOR = 8
 # Chunks remembered as already hinted into the page cache: far more than
 # one read-ahead window, so the chunks of a window are hinted once.
 _ADVISED_KEYS = 1024
+# An abandoned store request is logged as a WARNING once it has run this
+# long, so an attempt that started just before its read's deadline and
+# ends soon after it is not reported as hung.
+ABANDONED_WARNING_S = 1.0
 
 
 @dataclasses.dataclass
@@ -55,6 +68,8 @@ class ChunkSourceStats:
     corrupt_chunks: int = 0
     retries: int = 0
     failed_chunks: int = 0
+    # Store requests still running when their reader stopped waiting.
+    abandoned_fetches: int = 0
 
 
 class _Flight:
@@ -67,6 +82,19 @@ class _Flight:
         self.error: BaseException | None = None
 
 
+@dataclasses.dataclass(eq=False)
+class _StoreRequest:
+    """One store get running in a worker thread; its fields change in the trio thread only."""
+
+    chunk_key: str
+    started: float
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    result: outcome.Outcome | None = None
+    holds_slot: bool = True
+    # Logged as a WARNING for running past its read's deadline, so its end is logged too.
+    warned: bool = False
+
+
 class ChunkSource:
     def __init__(
         self,
@@ -76,7 +104,10 @@ class ChunkSource:
         connections: int,
         decoders: int,
         retry: RetryConfig = RetryConfig(),
+        max_abandoned: int | None = None,
     ):
+        """*max_abandoned* caps the abandoned store requests that run off a
+        connection slot; None means as many as *connections*."""
         self._store = store
         self.memory = memory
         self.disk = disk
@@ -85,6 +116,9 @@ class ChunkSource:
         # Chunks that failed for good: key -> (time the entry expires, error).
         self._failures: dict[str, tuple[float, BaseException]] = {}
         self.connections = PriorityLimiter(connections)
+        self.max_abandoned = connections if max_abandoned is None else max_abandoned
+        # Abandoned requests that gave their slot back and still run.
+        self._abandoned: set[_StoreRequest] = set()
         self._decoders = trio.CapacityLimiter(decoders)
         # Cache file reads and writes; page-cache speed, so a few suffice.
         self._disk_io = trio.CapacityLimiter(8)
@@ -101,6 +135,11 @@ class ChunkSource:
         self._pending_writes: dict[str, tuple[bytes, trio.Event]] = {}
         self.stats = ChunkSourceStats()
         self.fetch_latency = Histogram()
+
+    @property
+    def abandoned_in_flight(self) -> int:
+        """Abandoned store requests still running off a connection slot."""
+        return len(self._abandoned)
 
     def start(self, nursery: trio.Nursery) -> None:
         """Run background work (cache writes, prefetch) in *nursery*."""
@@ -311,7 +350,7 @@ class ChunkSource:
             attempt += 1
             try:
                 with trio.fail_at(deadline):
-                    return await self._fetch_once(chunk, ticket)
+                    return await self._fetch_once(chunk, ticket, deadline)
             except trio.TooSlowError:
                 raise ChunkUnavailable(
                     chunk.key, attempt, trio.current_time() - started, last_error
@@ -331,28 +370,33 @@ class ChunkSource:
                 _log_retry(chunk.key, attempt, delay, exc)
                 await trio.sleep(delay)
 
-    async def _fetch_once(self, chunk: ChunkRef, ticket: Ticket) -> bytes:
+    async def _fetch_once(self, chunk: ChunkRef, ticket: Ticket, deadline: float) -> bytes:
         await self.connections.acquire(ticket)
-        started = trio.current_time()
+        request = _StoreRequest(chunk.key, trio.current_time())
         token = trio.lowlevel.current_trio_token()
         key = chunk_object_key(chunk.key)
 
-        def get_then_release() -> bytes:
-            # The slot is released when the request ends, not when a reader
-            # stops waiting: a request abandoned at the deadline still holds
-            # a connection until the store client's socket timeout ends it.
+        def deliver(result: outcome.Outcome) -> None:
+            # Runs in the worker thread, which must not block here.
             try:
-                return self._store.get(key)
-            finally:
-                try:
-                    trio.from_thread.run_sync(self.connections.release, trio_token=token)
-                except trio.RunFinishedError:
-                    pass
+                token.run_sync_soon(self._end_request, request, result)
+            except trio.RunFinishedError:
+                pass
 
+        # The thread is started here, at once and outside any cancellation,
+        # so every request that took a slot reaches `_end_request`.
+        trio.lowlevel.start_thread_soon(
+            lambda: self._store.get(key), deliver, name=f"get chunk {chunk.key}"
+        )
         try:
-            stored = await trio.to_thread.run_sync(get_then_release, abandon_on_cancel=True)
+            await request.done.wait()
+        except trio.Cancelled:
+            if request.result is None:
+                self._abandon(request, timed_out=trio.current_time() >= deadline)
+            raise
         finally:
-            self.fetch_latency.observe(trio.current_time() - started)
+            self.fetch_latency.observe(trio.current_time() - request.started)
+        stored = request.result.unwrap()
         self.stats.chunks_fetched += 1
         self.stats.bytes_fetched += len(stored)
         if ticket.started_as == PREFETCH:
@@ -371,6 +415,67 @@ class ChunkSource:
             raise
         self.stats.bytes_decoded += len(data)
         return data
+
+    def _abandon(self, request: _StoreRequest, timed_out: bool) -> None:
+        """Let *request* run on without its reader, off its slot while the cap allows."""
+        self.stats.abandoned_fetches += 1
+        if len(self._abandoned) < self.max_abandoned:
+            self._abandoned.add(request)
+            request.holds_slot = False
+            self.connections.release()
+        if not timed_out:
+            # Shutdown, or a warm-up whose client went away.
+            log.debug("store request for chunk %s abandoned by its reader", request.chunk_key)
+            return
+        remaining = ABANDONED_WARNING_S - (trio.current_time() - request.started)
+        if remaining <= 0 or self._nursery is None:
+            self._warn_abandoned(request)
+        else:
+            self._nursery.start_soon(self._warn_abandoned_later, request, remaining)
+
+    async def _warn_abandoned_later(self, request: _StoreRequest, delay: float) -> None:
+        await trio.sleep(delay)
+        if request.result is None:
+            self._warn_abandoned(request)
+
+    def _warn_abandoned(self, request: _StoreRequest) -> None:
+        request.warned = True
+        elapsed = trio.current_time() - request.started
+        if request.holds_slot:
+            log.warning(
+                "store request for chunk %s to %s is still running after %.1f s, past its "
+                "read's deadline; %d abandoned requests run already, so it keeps its "
+                "connection slot until it ends",
+                request.chunk_key,
+                self._store.url,
+                elapsed,
+                self.max_abandoned,
+            )
+        else:
+            log.warning(
+                "store request for chunk %s to %s is still running after %.1f s, past its "
+                "read's deadline; it runs on without a connection slot (%d of at most %d "
+                "such requests)",
+                request.chunk_key,
+                self._store.url,
+                elapsed,
+                len(self._abandoned),
+                self.max_abandoned,
+            )
+
+    def _end_request(self, request: _StoreRequest, result: outcome.Outcome) -> None:
+        request.result = result
+        if request.holds_slot:
+            self.connections.release()
+        self._abandoned.discard(request)
+        if request.warned:
+            log.info(
+                "abandoned store request for chunk %s to %s ended after %.1f s",
+                request.chunk_key,
+                self._store.url,
+                trio.current_time() - request.started,
+            )
+        request.done.set()
 
 
 def _log_retry(key: str, attempt: int, delay: float, exc: Exception) -> None:

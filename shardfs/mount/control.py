@@ -48,6 +48,7 @@ class ControlServer:
             "bytes_read": self._operations.bytes_read,
             "read_errors": self._operations.read_errors,
             "fetches_in_flight": chunks.connections.in_use,
+            "abandoned_in_flight": chunks.abandoned_in_flight,
             "memory_bytes": chunks.memory.size_bytes,
             "disk_cache_bytes": chunks.disk.size_bytes if chunks.disk else 0,
             "disk_cache_limit_bytes": chunks.disk.limit_bytes if chunks.disk else 0,

@@ -53,7 +53,17 @@ _METRICS = {
     "retries": ("shardfs_retries_total", "counter", "Store requests retried after a transient failure"),
     "corrupt_chunks": ("shardfs_corrupt_chunks_total", "counter", "Chunks that failed verification"),
     "failed_chunks": ("shardfs_failed_chunks_total", "counter", "Chunks no good copy was found for"),
-    "fetches_in_flight": ("shardfs_fetches_in_flight", "gauge", "Store requests running now"),
+    "abandoned_fetches": (
+        "shardfs_abandoned_fetches_total", "counter",
+        "Store requests still running when their reader stopped waiting",
+    ),
+    "fetches_in_flight": (
+        "shardfs_fetches_in_flight", "gauge", "Store requests running now on a connection slot"
+    ),
+    "abandoned_in_flight": (
+        "shardfs_abandoned_fetches_in_flight", "gauge",
+        "Abandoned store requests running now without a connection slot",
+    ),
     "memory_bytes": ("shardfs_memory_cache_bytes", "gauge", "Decoded chunk bytes held in memory"),
     "disk_cache_bytes": ("shardfs_disk_cache_bytes", "gauge", "Bytes held in the disk cache"),
     "disk_cache_limit_bytes": ("shardfs_disk_cache_limit_bytes", "gauge", "Disk cache cap"),
