@@ -1,8 +1,10 @@
 """Component tests of the memory cache, disk cache, priority queue,
-read-ahead decisions and format parsers, without a mount."""
+read-ahead decisions, warm-up and format parsers, without a mount."""
 
 import io
+import json
 import os
+import types
 import zipfile
 
 import pytest
@@ -13,7 +15,9 @@ from safetensors.torch import save
 
 from shardfs import codec, formats
 from shardfs.config import PrefetchConfig
-from shardfs.errors import UsageError
+from shardfs.errors import ObjectNotFound, UsageError
+from shardfs.manifest import ChunkRef
+from shardfs.mount.control import ControlServer
 from shardfs.mount.disk_cache import DiskCache
 from shardfs.mount.memory_cache import MemoryCache
 from shardfs.mount.prefetch import ReadAhead
@@ -224,6 +228,65 @@ def _read_ahead(chunk_count: int, chunk_size: int = MiB, spans=None, **config) -
     if spans is not None:
         state.set_spans(spans)
     return state
+
+
+class WarmSource:
+    """The chunk source calls of a warm-up: chunks fail, vanish or land on disk as set."""
+
+    def __init__(self, failing: dict, unkept: set[str], delay_s: float):
+        # Writes fail, which only the unkept chunks notice.
+        self.disk = types.SimpleNamespace(can_hold=lambda length: False)
+        self.on_disk: set[str] = set()
+        self.failing = failing
+        self.unkept = unkept
+        self.delay_s = delay_s
+
+    def disk_holds(self, key: str) -> bool:
+        return key in self.on_disk
+
+    async def ensure_on_disk(self, chunk: ChunkRef, priority: int) -> None:
+        if chunk.key in self.failing:
+            raise self.failing[chunk.key]
+        # Longer than the progress interval, so a warm-up that stopped at
+        # its first failure would leave these chunks unfetched.
+        await trio.sleep(self.delay_s)
+        if chunk.key not in self.unkept:
+            self.on_disk.add(chunk.key)
+
+
+class ReplyStream:
+    def __init__(self):
+        self.replies: list[dict] = []
+
+    async def send_all(self, data: bytes) -> None:
+        self.replies.append(json.loads(data))
+
+
+async def test_warm_tries_every_chunk():
+    chunks = [ChunkRef(index * MiB, MiB, f"{index:032x}", MiB) for index in range(8)]
+    missing, unkept = chunks[0].key, chunks[1].key
+    source = WarmSource({missing: ObjectNotFound(f"chunks/{missing}")}, {unkept}, 0.5)
+    source.on_disk.add(chunks[7].key)
+    entry = types.SimpleNamespace(path="org/m/weights.bin", chunks=chunks)
+    server = ControlServer("/mnt", None, source, None, max_connections=2)
+    server._resolve = lambda paths: ([entry], [])
+    stream = ReplyStream()
+
+    await server._warm(stream, ["org/m"])
+
+    final = stream.replies[-1]
+    assert final["done"] is True
+    assert source.on_disk == {chunk.key for chunk in chunks[2:]}
+    assert final["total"] == 8 * MiB
+    assert final["cached_before"] == MiB
+    assert final["resident_bytes"] == 6 * MiB
+    assert final["resident"] is False
+    assert final["failed_chunks"] == 2
+    assert final["failed_bytes"] == 2 * MiB
+    assert len(final["failed"]) == 2
+    assert all(failure.startswith("org/m/weights.bin: ") for failure in final["failed"])
+    assert any(missing in failure for failure in final["failed"])
+    assert any("disk cache cannot write it" in failure for failure in final["failed"])
 
 
 def test_read_ahead_waits_for_a_forward_step():

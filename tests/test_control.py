@@ -9,6 +9,10 @@ import urllib.request
 import pytest
 
 from conftest import free_port, mounted, needs_fuse, run_shardfs
+from s3proxy import Fault, counting_proxy  # noqa: F401 (a fixture)
+from shardfs.config import format_size
+from shardfs.manifest import parse_manifest
+from shardfs.stores.base import chunk_object_key
 
 pytestmark = needs_fuse
 
@@ -71,6 +75,76 @@ def test_warm_makes_model_resident(store_with_two_models, tmp_path):
         again = run_shardfs("warm", mount.path, os.path.join(mount.path, "org/beta"))
         assert again.returncode == 0, again.stderr
         assert "5.0 MiB was already cached" in again.stdout
+
+
+def test_warm_reports_failed_chunks(store_with_two_models, tmp_path):
+    store, _ = store_with_two_models
+    with open(os.path.join(store, "models/org/alpha/manifest.json"), "rb") as file:
+        (entry,) = parse_manifest("org/alpha", file.read()).files
+    missing, corrupt = entry.chunks[0], entry.chunks[2]
+    os.unlink(os.path.join(store, chunk_object_key(missing.key)))
+    with open(os.path.join(store, chunk_object_key(corrupt.key)), "r+b") as file:
+        file.seek(-1, os.SEEK_END)
+        last = file.read(1)
+        file.seek(-1, os.SEEK_END)
+        file.write(bytes([last[0] ^ 0xFF]))
+    good_bytes = SIZE - missing.length - corrupt.length
+
+    # One warm worker, so the chunks are fetched one after another.
+    with mounted(store, str(tmp_path / "mnt"), "--max-connections", "1") as mount:
+        mount.expect_log(corrupt.key)
+        result = run_shardfs("warm", mount.path, "org/alpha")
+        status = _status(mount.path)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "warmed 3.0 MiB of 5.0 MiB: 0 B was already cached" in result.stdout
+    failed = [line for line in result.stderr.splitlines() if line.startswith("failed: ")]
+    assert len(failed) == 2, result.stderr
+    assert any(missing.key in line for line in failed), failed
+    assert any(corrupt.key in line for line in failed), failed
+    assert "2 chunks could not be fetched; 2.0 MiB is not cached" in result.stderr
+    assert status["disk_cache_bytes"] == good_bytes
+
+
+def test_warm_with_store_down_caches_nothing(s3_store, moto_endpoint, counting_proxy, tmp_path):
+    source = tmp_path / "model.bin"
+    source.write_bytes(os.urandom(SIZE))
+    push = run_shardfs(
+        "push", "--store", s3_store, "--endpoint-url", moto_endpoint,
+        "--chunk-size", "1MiB", str(source), "org/model",
+    )
+    assert push.returncode == 0, push.stderr
+    # Every chunk GET is reset, as by a store that went down after the mount.
+    counting_proxy.add_fault(Fault(reset=True), count=None)
+    options = ["--read-timeout", "3"]
+
+    with mounted(s3_store, str(tmp_path / "mnt"), *options, endpoint=counting_proxy.url) as mount:
+        mount.expect_log(r"retrying chunk")
+        # The S3 client's own retries of a reset can outlast the deadline.
+        mount.expect_log(r"past its read's deadline")
+        result = run_shardfs("warm", mount.path, "org/model")
+        status = _status(mount.path)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "warmed 0 B of 5.0 MiB: 0 B was already cached" in result.stdout
+    assert "6 chunks could not be fetched; 5.0 MiB is not cached" in result.stderr
+    assert status["disk_cache_bytes"] == 0
+
+
+def test_warm_larger_than_cache_fails(store_with_two_models, tmp_path):
+    store, _ = store_with_two_models
+    with mounted(store, str(tmp_path / "mnt"), "--cache-size", "2MiB") as mount:
+        result = run_shardfs("warm", mount.path, "org/alpha")
+        status = _status(mount.path)
+
+    # Which chunks stay depends on the order their writes finished in.
+    cached = status["disk_cache_bytes"]
+    assert 0 < cached <= 2 * 1024 * 1024
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"warmed {format_size(cached)} of 5.0 MiB" in result.stdout
+    assert "failed: " not in result.stderr
+    evicted = format_size(SIZE - cached)
+    assert f"{evicted} was fetched but evicted from the disk cache again" in result.stderr
 
 
 def test_warm_unknown_model_fails(store_with_two_models, tmp_path):

@@ -7,6 +7,9 @@ from shardfs import control_protocol
 from shardfs.config import format_size
 from shardfs.errors import ShardfsError, UsageError
 
+# Failure messages printed; the count covers the rest.
+MAX_PRINTED_FAILURES = 10
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -49,17 +52,41 @@ def run(args) -> int:
             )
     if interactive:
         sys.stderr.write("\n")
-    resident = final["total"] - final["failed_bytes"]
+    return _report(args.mountpoint, final)
+
+
+def _report(mountpoint: str, final: dict) -> int:
+    """Print the outcome of a warm-up from the daemon's last reply; raise if it is incomplete."""
+    total = final["total"]
+    failures = final["failed"]
+    resident = final.get("resident_bytes")
+    if resident is None:
+        # A daemon of an older shardfs reports only whether every chunk is cached.
+        if not final.get("resident"):
+            raise ShardfsError(
+                f"not every chunk is in the disk cache of {mountpoint!r}, and its daemon "
+                "runs an older shardfs, which reports no more; remount it and warm again"
+            )
+        resident = total
     print(
-        f"warmed {format_size(resident)} of {format_size(final['total'])}: "
+        f"warmed {format_size(resident)} of {format_size(total)}: "
         f"{format_size(final['cached_before'])} was already cached"
     )
-    if final["failed"] or not final.get("resident"):
-        for failure in final["failed"][:10]:
-            print(f"failed: {failure}", file=sys.stderr)
-        count = len(final["failed"])
+    count = final.get("failed_chunks", len(failures))
+    for failure in failures[:MAX_PRINTED_FAILURES]:
+        print(f"failed: {failure}", file=sys.stderr)
+    if count > MAX_PRINTED_FAILURES:
+        print(f"failed: {count - MAX_PRINTED_FAILURES} more chunks", file=sys.stderr)
+    not_cached = format_size(total - resident)
+    if count:
         raise ShardfsError(
             f"{count} chunk{'s' if count != 1 else ''} could not be fetched; "
-            f"{format_size(final['failed_bytes'])} is not cached"
+            f"{not_cached} is not cached"
+        )
+    if resident < total:
+        raise ShardfsError(
+            f"{not_cached} was fetched but evicted from the disk cache again, most likely "
+            "because the cache is smaller than what was warmed; raise --cache-size or "
+            "warm less"
         )
     return 0

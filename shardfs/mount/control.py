@@ -11,11 +11,14 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Iterable
 
 import trio
 
 from shardfs import control_protocol
 from shardfs.errors import UsageError
+from shardfs.manifest import ChunkRef
+from shardfs.mount.chunk_source import ChunkSource
 from shardfs.mount.metrics import render_prometheus
 from shardfs.mount.priority import PREFETCH
 
@@ -25,6 +28,8 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.2
 # Largest request line accepted on the control socket.
 MAX_REQUEST_BYTES = 64 * 1024
+# Failure messages a warm-up reply carries; the count covers all of them.
+MAX_WARM_FAILURES = 100
 
 
 class ControlServer:
@@ -156,46 +161,25 @@ class ControlServer:
             await self._send(stream, {"error": "the disk cache is unusable, so nothing can be warmed"})
             return
 
-        chunks = {}
+        chunks: dict[str, ChunkRef] = {}
+        where: dict[str, str] = {}
         for entry in entries:
             for chunk in entry.chunks:
                 chunks.setdefault(chunk.key, chunk)
-        total = sum(chunk.length for chunk in chunks.values())
-        already = sum(c.length for c in chunks.values() if self._chunks.disk_holds(c.key))
-        progress = {
-            "total": total,
-            "cached_before": already,
-            "done_bytes": already,
-            "failed_bytes": 0,
-            "failed": [],
-        }
-        where = {chunk.key: f"{entry.path}" for entry in entries for chunk in entry.chunks}
-        pending = [c for c in chunks.values() if not self._chunks.disk_holds(c.key)]
-
-        async def worker(receive):
-            async for chunk in receive:
-                try:
-                    await self._chunks.ensure_on_disk(chunk, PREFETCH)
-                except Exception as exc:
-                    progress["failed"].append(f"{where[chunk.key]}: {exc}")
-                    progress["failed_bytes"] += chunk.length
-                progress["done_bytes"] += chunk.length
-
+                where.setdefault(chunk.key, entry.path)
+        progress = new_warm_progress(self._chunks, chunks.values())
         async with trio.open_nursery() as nursery:
-            send, receive = trio.open_memory_channel(0)
-            for _ in range(self._warm_workers):
-                nursery.start_soon(worker, receive.clone())
-            receive.close()
             nursery.start_soon(self._report_progress, stream, progress)
-            async with send:
-                for chunk in pending:
-                    await send.send(chunk)
-            # The progress task stops once the workers are done.
-            while progress["done_bytes"] < total and not progress["failed"]:
-                await trio.sleep(PROGRESS_INTERVAL_S)
+            await warm_chunks(self._chunks, list(chunks.values()), where, self._warm_workers, progress)
             nursery.cancel_scope.cancel()
+        log.info(
+            "warmed %s: %d of %d bytes in the disk cache, %d chunks failed",
+            ", ".join(paths),
+            progress["resident_bytes"],
+            progress["total"],
+            progress["failed_chunks"],
+        )
         progress["done"] = True
-        progress["resident"] = all(self._chunks.disk_holds(key) for key in chunks)
         await self._send(stream, progress)
 
     async def _report_progress(self, stream, progress) -> None:
@@ -245,6 +229,79 @@ class ControlServer:
                 await stream.send_all(header.encode() + body)
             except trio.BrokenResourceError:
                 pass
+
+
+def new_warm_progress(source: ChunkSource, chunks: Iterable[ChunkRef]) -> dict:
+    """Return the progress of a warm-up of *chunks* before it starts, as sent to the client."""
+    chunks = list(chunks)
+    cached = sum(chunk.length for chunk in chunks if source.disk_holds(chunk.key))
+    return {
+        "total": sum(chunk.length for chunk in chunks),
+        "cached_before": cached,
+        # Bytes of the chunks that were tried or already cached.
+        "done_bytes": cached,
+        "failed_chunks": 0,
+        "failed_bytes": 0,
+        # The first MAX_WARM_FAILURES failures, as "path: error".
+        "failed": [],
+    }
+
+
+async def warm_chunks(
+    source: ChunkSource,
+    chunks: list[ChunkRef],
+    where: dict[str, str],
+    workers: int,
+    progress: dict,
+) -> None:
+    """Fetch each of *chunks* into the disk cache and record the outcome in *progress*.
+
+    Every chunk is tried, whatever became of the others, with the chunk
+    source's retries. A chunk fails when its fetch fails, or when the disk
+    cache cannot write it (a write failed, or it is larger than the cap).
+    At the end, ``resident_bytes`` counts only the chunks that the disk
+    cache contains then, because a cache smaller than *chunks* evicts some
+    of them again.
+    *where* names the file of each chunk key for messages.
+    """
+
+    def fail(chunk: ChunkRef, reason: str) -> None:
+        progress["failed_chunks"] += 1
+        progress["failed_bytes"] += chunk.length
+        if len(progress["failed"]) < MAX_WARM_FAILURES:
+            progress["failed"].append(f"{where[chunk.key]}: {reason}")
+
+    async def worker(receive: trio.MemoryReceiveChannel) -> None:
+        async with receive:
+            async for chunk in receive:
+                try:
+                    await source.ensure_on_disk(chunk, PREFETCH)
+                except Exception as exc:
+                    fail(chunk, str(exc))
+                else:
+                    # A chunk that is gone again at once was either evicted,
+                    # which the final count covers, or never written.
+                    if not source.disk_holds(chunk.key) and not source.disk.can_hold(chunk.length):
+                        fail(
+                            chunk,
+                            f"chunk {chunk.key} was fetched but the disk cache cannot "
+                            "write it: a write failed (see the daemon log) or the chunk "
+                            "is larger than the cache cap",
+                        )
+                progress["done_bytes"] += chunk.length
+
+    pending = [chunk for chunk in chunks if not source.disk_holds(chunk.key)]
+    async with trio.open_nursery() as nursery:
+        send, receive = trio.open_memory_channel(0)
+        async with receive:
+            for _ in range(workers):
+                nursery.start_soon(worker, receive.clone())
+        async with send:
+            for chunk in pending:
+                await send.send(chunk)
+    resident = [chunk for chunk in chunks if source.disk_holds(chunk.key)]
+    progress["resident_bytes"] = sum(chunk.length for chunk in resident)
+    progress["resident"] = len(resident) == len(chunks)
 
 
 async def _receive_line(stream: trio.SocketStream) -> bytes:
