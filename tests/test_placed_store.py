@@ -769,6 +769,42 @@ def test_repair_reports_lost_chunk(tmp_path):
     assert "1 chunk lost" in repaired.stdout
 
 
+def missing_bucket_member(moto_endpoint: str) -> str:
+    return f"s3://missing-{uuid.uuid4().hex[:12]}/x,endpoint={moto_endpoint},id=s3"
+
+
+@pytest.mark.parametrize("pushed", [False, True], ids=["empty", "with-model"])
+def test_verify_fails_on_unlisted_member(tmp_path, moto_endpoint, pushed):
+    values = [f"{path},id=local-{index}" for index, path in enumerate(local_members(tmp_path, 2))]
+    if pushed:
+        push_new_model(values, tmp_path, 6)
+    values.append(missing_bucket_member(moto_endpoint))
+
+    verified = run_shardfs("verify", *store_arguments(values))
+    assert verified.returncode == 1, verified.stdout + verified.stderr
+    assert verified.stdout == ""
+    lines = verified.stderr.splitlines()
+    assert len(lines) == 1, verified.stderr
+    assert lines[0].startswith("shardfs: error: cannot verify: store member s3://missing-")
+    assert "id s3" in lines[0]
+    assert "does not exist" in lines[0]
+
+
+def test_ls_reports_unlisted_member(tmp_path, moto_endpoint):
+    values = local_members(tmp_path, 2)
+    push_new_model(values, tmp_path, 7)
+    values.append(missing_bucket_member(moto_endpoint))
+
+    listed = run_shardfs("ls", *store_arguments(values))
+    assert listed.returncode == 1, listed.stdout + listed.stderr
+    assert listed.stdout.startswith("org/m\t1 files")
+    errors = [line for line in listed.stderr.splitlines() if line.startswith("shardfs: error:")]
+    assert len(errors) == 1, listed.stderr
+    assert "store member s3://missing-" in errors[0]
+    assert "id s3" in errors[0]
+    assert "WARNING" not in listed.stderr
+
+
 # Three moto servers as members.
 
 

@@ -1,24 +1,38 @@
 """``shardfs ls``: list the models in a store."""
 
+import sys
+
 from shardfs.commands import add_store_options, store_config
 from shardfs.config import format_size
-from shardfs.errors import ManifestInvalid, ObjectNotFound
+from shardfs.errors import ManifestInvalid, ObjectNotFound, StoreError
 from shardfs.manifest import parse_manifest
-from shardfs.stores import list_models, open_store
+from shardfs.stores import PlacedStore, list_models, open_store
 from shardfs.stores.base import manifest_object_key
+from shardfs.stores.placed import describe_member_failures
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("ls", help="list the models in a store")
+    parser = subparsers.add_parser(
+        "ls",
+        help="list the models in a store; with several --store members, exit 1 if "
+        "any member cannot be listed",
+    )
     add_store_options(parser, positional=True)
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
     store = open_store(store_config(args))
-    store.check()
+    failures = []
+    if isinstance(store, PlacedStore):
+        names, failures = store.list_models_of_each_member()
+        if len(failures) == len(store.members):
+            raise StoreError(describe_member_failures(failures))
+    else:
+        store.check()
+        names = list_models(store)
     status = 0
-    for name in list_models(store):
+    for name in names:
         try:
             manifest = parse_manifest(name, store.get(manifest_object_key(name)))
         except ObjectNotFound:
@@ -32,4 +46,8 @@ def run(args) -> int:
             f"{name}\t{len(manifest.files)} files\t{format_size(manifest.size)}"
             f"\t{format_size(stored)} stored"
         )
+    # Models stored only on a failed member are missing from the listing above.
+    for member, exc in failures:
+        print(f"shardfs: error: store member {member.name} failed: {exc}", file=sys.stderr)
+        status = 1
     return status

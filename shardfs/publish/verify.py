@@ -18,10 +18,11 @@ from shardfs.errors import (
     ManifestInvalid,
     ObjectInvalid,
     ObjectNotFound,
+    StoreError,
 )
 from shardfs.manifest import Manifest, parse_manifest
 from shardfs.stores.base import Store, chunk_object_key, list_models, manifest_object_key
-from shardfs.stores.placed import PlacedStore
+from shardfs.stores.placed import PlacedStore, describe_member_failures
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +65,23 @@ def verify_models(store: Store, names: list[str] | None = None, workers: int = 8
     """Check the models *names* (every model when None or empty) in *store*.
 
     Store failures other than a missing object propagate, because they
-    tell nothing about the chunks.
+    tell nothing about the chunks. In a placed store every member must
+    pass its check and list its models, or `StoreError` names those that failed.
     """
-    store.check()
+    if isinstance(store, PlacedStore):
+        # Every copy is checked on its member, so no member may be passed over.
+        listed, failures = store.list_models_of_each_member()
+        if failures:
+            raise StoreError(
+                f"cannot verify: {describe_member_failures(failures)}; verify checks the "
+                "copies on every member, so each member must be reachable"
+            )
+    else:
+        store.check()
+        listed = None if names else list_models(store)
     report = VerifyReport()
     manifests = []
-    for name in names or list_models(store):
+    for name in names or listed:
         manifest = _load_manifest(store, name, report)
         if manifest is not None:
             manifests.append(manifest)

@@ -43,7 +43,7 @@ from shardfs.errors import (
     StoreUnavailable,
     UsageError,
 )
-from shardfs.stores.base import CHUNKS_PREFIX, ObjectInfo, Store
+from shardfs.stores.base import CHUNKS_PREFIX, ObjectInfo, Store, list_models
 from shardfs.stores.placement import Placement
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ class _Health:
 class Member:
     index: int
     id: str
-    # The URL, with the endpoint if one is set, for messages.
+    # The URL, with the endpoint and the id if they are set, for messages.
     name: str
     weight: float
     store: Store
@@ -278,9 +278,12 @@ class PlacedStore:
         ids = [member_id(member) for member in config.members]
         self.members: list[Member] = []
         for index, (member, store, identity) in enumerate(zip(config.members, stores, ids)):
+            details = [member.store.endpoint_url] if member.store.endpoint_url else []
+            if member.id is not None:
+                details.append(f"id {member.id}")
             name = member.store.url
-            if member.store.endpoint_url:
-                name = f"{name} ({member.store.endpoint_url})"
+            if details:
+                name = f"{name} ({', '.join(details)})"
             health = _Health(name, config, clock)
             self.members.append(Member(index, identity, name, member.weight, store, health))
         weights = [member.weight for member in config.members]
@@ -335,6 +338,23 @@ class PlacedStore:
             return self._read(key, lambda store: _present(store.stat(key), key))
         except ObjectNotFound:
             return None
+
+    def list_models_of_each_member(self) -> tuple[list[str], list[tuple[Member, StoreError]]]:
+        """Check and list every member; return the models any of them lists, and the failures.
+
+        Unlike `list`, which leaves a failing member out with a warning,
+        this returns each member that failed its check or its listing with
+        the error, for commands that must not pass over a member.
+        """
+        names: set[str] = set()
+        failures: list[tuple[Member, StoreError]] = []
+        for member in self.members:
+            try:
+                member.store.check()
+                names.update(list_models(member.store))
+            except StoreError as exc:
+                failures.append((member, exc))
+        return sorted(names), failures
 
     def list(self, prefix: str) -> Iterator[str]:
         for info in self.list_info(prefix):
@@ -569,6 +589,14 @@ class PlacedStore:
         if len(errors) == len(order):
             raise _combined_error(self.url, errors)
         raise StoreUnavailable(self.url, _describe(errors))
+
+
+def describe_member_failures(failures: Sequence[tuple[Member, StoreError]]) -> str:
+    """Return one line that names each member in *failures* and its error."""
+    if len(failures) == 1:
+        member, exc = failures[0]
+        return f"store member {member.name} failed: {exc}"
+    return "store members failed: " + _describe(failures)
 
 
 def _start(member: Member, operation: Callable[[Store], object]) -> concurrent.futures.Future:
