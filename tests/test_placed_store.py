@@ -736,6 +736,7 @@ def test_verify_and_repair_corrupt_copy(tmp_path):
     assert len(problems) == 1
     assert f"is corrupt on {values[first.index]}:" in problems[0]
     assert "1 of 2 copies good" in problems[0]
+    assert problems[0].endswith("; shardfs repair --check-content restores it")
 
     # A reader that finds the copy corrupt reports it and reads the other.
     copy = store.get(object_key)
@@ -753,6 +754,32 @@ def test_verify_and_repair_corrupt_copy(tmp_path):
     assert "copied 1 copy " in deep.stdout
     again = run_shardfs("verify", *store_arguments(values))
     assert again.returncode == 0, again.stdout
+
+
+def test_verify_hint_for_missing_copy(tmp_path):
+    values = local_members(tmp_path, 3)
+    push_new_model(values, tmp_path, 8)
+    store = placed_from_values(values)
+    key = next(iter(named_chunks(store, "org/m")))
+    first = store.placement(key)[0]
+    os.unlink(os.path.join(values[first.index], chunk_object_key(key)))
+
+    verified = run_shardfs("verify", *store_arguments(values))
+    assert verified.returncode == 1
+    problems = [line for line in verified.stdout.splitlines() if key in line]
+    assert len(problems) == 1
+    assert f"is missing on {values[first.index]}:" in problems[0]
+    assert problems[0].endswith("; shardfs repair restores it")
+
+
+def test_repair_help_states_exit_status():
+    result = run_shardfs("repair", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "Exit status 0 means that every chunk a manifest names now has a copy" in text
+    assert "a corrupt copy of the right size can remain at exit status 0" in text
+    assert "repair --check-content to check content" in text
+    assert "Exit status 1 means" in text
 
 
 def test_repair_reports_lost_chunk(tmp_path):

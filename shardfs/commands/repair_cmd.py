@@ -17,8 +17,18 @@ def add_parser(subparsers) -> None:
         "its placement that lacks a good copy, from a good copy on any member, then "
         "delete its copies on members outside the placement; give every member "
         "manifests it lacks. Run it after a member lost data, or after members "
-        "were added, removed or reweighted. Exits 0 only when every chunk has all "
-        "its copies in place.",
+        "were added, removed or reweighted. Exit status 0 means that every chunk "
+        "a manifest names now has a copy on each member of its placement, of a "
+        "size that a manifest records (with --check-content: one that decodes "
+        "to its key), and none outside it, and that every member has the newest "
+        "copy of each manifest. With --dry-run nothing is written, and exit "
+        "status 0 means only that no chunk or manifest lacks a good copy and no "
+        "store request failed. Without --check-content a "
+        "copy of the right size is trusted unread, so a corrupt copy of the "
+        "right size can remain at exit status 0; run shardfs verify or repair "
+        "--check-content to check content. Exit status 1 means that a chunk has "
+        "no good copy on any member, a manifest has no valid copy, or a store "
+        "request or the check of a copy failed.",
     )
     add_store_options(parser, positional=True)
     parser.add_argument(

@@ -25,6 +25,15 @@ from shardfs.stores.base import Store, chunk_object_key, list_models, manifest_o
 from shardfs.stores.placed import PlacedStore, describe_member_failures
 
 
+# How to restore a bad copy from a good one, by kind. Plain repair trusts a
+# copy of the right size, so only --check-content is sure to replace a corrupt
+# one. A copy of an unsupported encoding needs a newer shardfs, not a repair.
+REPAIR_HINTS = {
+    "missing": "shardfs repair restores it",
+    "corrupt": "shardfs repair --check-content restores it",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """One thing wrong with a model: a bad manifest or a bad chunk."""
@@ -160,6 +169,10 @@ def _check_copies(store: PlacedStore, key: str, length: int) -> list[tuple[str, 
     elsewhere = sum(member.store.head(chunk_object_key(key)) is not None for member in others)
     if elsewhere:
         summary += f", {elsewhere} more outside the placement"
-    if good or elsewhere:
-        summary += "; shardfs repair restores them"
-    return [(kind, f"{detail}; {summary}", member.name) for member, kind, detail in bad]
+    outcomes = []
+    for member, kind, detail in bad:
+        text = f"{detail}; {summary}"
+        if (good or elsewhere) and kind in REPAIR_HINTS:
+            text += f"; {REPAIR_HINTS[kind]}"
+        outcomes.append((kind, text, member.name))
+    return outcomes
