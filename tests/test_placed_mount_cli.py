@@ -1,5 +1,6 @@
 """`shardfs mount --store A --store B`: a placed store through the command line."""
 
+import json
 import os
 import shutil
 
@@ -26,6 +27,43 @@ def test_mount_placed_store_survives_lost_member(tmp_path):
             assert file.read() == content
     finally:
         assert run_shardfs("unmount", str(mountpoint)).returncode == 0
+
+
+def test_mount_reports_moved_member(tmp_path):
+    content = os.urandom(8 * 1024 * 1024)
+    source = tmp_path / "w.bin"
+    source.write_bytes(content)
+    members = ["--store", f"{tmp_path / 'a'},id=a", "--store", f"{tmp_path / 'b'},id=b"]
+    # 32 chunks, so that the 3 failures which mark a member unhealthy come
+    # from chunks whose placement starts with it: all but about 1 in 10^7 runs.
+    pushed = run_shardfs("push", *members, "--chunk-size", "256KiB", str(source), "org/m")
+    assert pushed.returncode == 0, pushed.stderr
+
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    cache = tmp_path / "cache"
+    mounted = run_shardfs("mount", *members, "--cache-dir", str(cache), str(mountpoint))
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        os.rename(tmp_path / "a", tmp_path / "a.moved")
+        with open(mountpoint / "org/m/w.bin", "rb") as file:
+            assert file.read() == content
+        status = run_shardfs("status", "--json", str(mountpoint))
+        text = run_shardfs("status", str(mountpoint))
+    finally:
+        assert run_shardfs("unmount", str(mountpoint)).returncode == 0
+
+    assert status.returncode == 0, status.stderr
+    figures = json.loads(status.stdout)
+    assert figures["store_members"] == 2
+    assert figures["unhealthy_members"] == 1
+    assert figures["store_failovers"] > 0
+    assert "members        1 of 2 healthy" in text.stdout
+    log = (cache / "daemon.log").read_text()
+    warnings = [line for line in log.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1, warnings
+    assert f"store member {tmp_path / 'a'} (id a) failed 3 times in a row" in warnings[0]
+    assert "no such directory" in warnings[0]
 
 
 def test_mount_rejects_store_and_members(tmp_path):

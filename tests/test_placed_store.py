@@ -10,6 +10,7 @@ import collections
 import contextlib
 import gc
 import hashlib
+import logging
 import os
 import pickle
 import re
@@ -323,6 +324,92 @@ def test_failed_probe_keeps_member_last():
     store.get(key)
     assert failing.calls["check"] == 1
     assert failing.calls["get"] == 1
+
+
+def chunks_first_on(store: PlacedStore, index: int, count: int) -> list[codec.EncodedChunk]:
+    """Return *count* chunks whose placement starts with member *index*, put into *store*."""
+    chunks = []
+    seed = 100
+    while len(chunks) < count:
+        chunk = encoded_chunk(seed)
+        seed += 1
+        if store.placement(chunk.key)[0].index == index:
+            store.put(chunk_object_key(chunk.key), chunk.data)
+            chunks.append(chunk)
+    return chunks
+
+
+def test_moved_member_directory_marked_unhealthy(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="shardfs.stores.placed")
+    clock = FakeClock()
+    stores = [LocalStore(str(tmp_path / name)) for name in ("a", "b")]
+    members = tuple(
+        MemberConfig(StoreConfig(url=store.url), id=name) for store, name in zip(stores, "ab")
+    )
+    config = PlacedStoreConfig(members, 2, failure_threshold=3, unhealthy_s=30.0)
+    store = PlacedStore(config, stores, clock=clock)
+    chunks = chunks_first_on(store, 0, 4)
+    os.rename(tmp_path / "a", tmp_path / "a.moved")
+
+    for chunk in chunks:
+        assert store.get(chunk_object_key(chunk.key)) == chunk.data
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert f"store member {stores[0].url} (id a) failed 3 times in a row" in warnings[0]
+    assert "no such directory" in warnings[0]
+    assert store.failovers == 4
+    assert store.unhealthy_members() == 1
+
+    # Once back, the member passes its probe and is read first again.
+    os.rename(tmp_path / "a.moved", tmp_path / "a")
+    clock.now += 31
+    store.get(chunk_object_key(chunks[0].key))
+    assert wait_for(lambda: store.unhealthy_members() == 0)
+    recovered = [r.getMessage() for r in caplog.records if "passed its probe" in r.getMessage()]
+    assert len(recovered) == 1, recovered
+    assert recovered[0].startswith(f"store member {stores[0].url} (id a)")
+    assert store.get(chunk_object_key(chunks[1].key)) == chunks[1].data
+    assert store.failovers == 5
+
+
+def test_failover_counts_reads_elsewhere():
+    store, members = memory_placed(failure_threshold=100)
+    chunks = chunks_first_on(store, 0, 3)
+    assert store.get(chunk_object_key(chunks[0].key)) == chunks[0].data
+    assert store.failovers == 0
+    members[0].down = True
+    for chunk in chunks:
+        assert store.get(chunk_object_key(chunk.key)) == chunk.data
+    assert store.failovers == 3
+
+
+def test_unhealthy_warning_is_rate_limited(caplog):
+    caplog.set_level(logging.INFO, logger="shardfs.stores.placed")
+    clock = FakeClock()
+    store, members = memory_placed(clock=clock, failure_threshold=1, unhealthy_s=10.0)
+    (chunk,) = chunks_first_on(store, 0, 1)
+    key = chunk_object_key(chunk.key)
+    members[0].down = True
+    store.get(key)
+    # The member recovers, passes its probe, and fails again soon after.
+    members[0].down = False
+    clock.now += 11
+    store.get(key)
+    assert wait_for(lambda: store.unhealthy_members() == 0)
+    members[0].down = True
+    store.get(key)
+    assert store.unhealthy_members() == 1
+
+    marked = [r for r in caplog.records if "times in a row" in r.getMessage()]
+    assert [r.levelno for r in marked] == [logging.WARNING, logging.INFO]
+    clock.now += 60
+    members[0].down = False
+    store.get(key)
+    assert wait_for(lambda: store.unhealthy_members() == 0)
+    members[0].down = True
+    store.get(key)
+    marked = [r for r in caplog.records if "times in a row" in r.getMessage()]
+    assert [r.levelno for r in marked] == [logging.WARNING, logging.INFO, logging.WARNING]
 
 
 def test_slow_member_is_hedged():

@@ -28,6 +28,10 @@ def run(args) -> int:
         in_flight += f" and {reply['abandoned_in_flight']} abandoned"
     print(f"fetched        {format_size(reply['bytes_fetched'])} in {reply['chunks_fetched']} "
           f"requests, {in_flight}, {reply['retries']} retries")
+    if "store_members" in reply:
+        healthy = reply["store_members"] - reply["unhealthy_members"]
+        print(f"members        {healthy} of {reply['store_members']} healthy, "
+              f"{reply['store_failovers']} reads served by another member")
     print(f"cache          {format_size(reply['disk_cache_bytes'])} of "
           f"{format_size(reply['disk_cache_limit_bytes'])} on disk, "
           f"{format_size(reply['memory_bytes'])} in memory, "

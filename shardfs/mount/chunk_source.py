@@ -137,6 +137,10 @@ class ChunkSource:
         self.fetch_latency = Histogram()
 
     @property
+    def store(self) -> Store:
+        return self._store
+
+    @property
     def abandoned_in_flight(self) -> int:
         """Abandoned store requests still running off a connection slot."""
         return len(self._abandoned)

@@ -21,6 +21,7 @@ from shardfs.manifest import ChunkRef
 from shardfs.mount.chunk_source import ChunkSource
 from shardfs.mount.metrics import render_prometheus
 from shardfs.mount.priority import PREFETCH
+from shardfs.stores.placed import PlacedStore
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,10 @@ class ControlServer:
             "disk_cache_limit_bytes": chunks.disk.limit_bytes if chunks.disk else 0,
         }
         stats.update(vars(chunks.stats))
+        if isinstance(chunks.store, PlacedStore):
+            stats["store_members"] = len(chunks.store.members)
+            stats["unhealthy_members"] = chunks.store.unhealthy_members()
+            stats["store_failovers"] = chunks.store.failovers
         lookups = stats["memory_hits"] + stats["disk_hits"] + stats["chunks_fetched"]
         stats["cache_hit_ratio"] = (
             (stats["memory_hits"] + stats["disk_hits"]) / lookups if lookups else 0.0

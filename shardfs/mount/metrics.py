@@ -64,6 +64,14 @@ _METRICS = {
         "shardfs_abandoned_fetches_in_flight", "gauge",
         "Abandoned store requests running now without a connection slot",
     ),
+    "store_failovers": (
+        "shardfs_store_failovers_total", "counter",
+        "Store reads served by a member other than the one first in line for the object",
+    ),
+    "unhealthy_members": (
+        "shardfs_store_members_unhealthy", "gauge",
+        "Store members marked unhealthy, which reads try last",
+    ),
     "memory_bytes": ("shardfs_memory_cache_bytes", "gauge", "Decoded chunk bytes held in memory"),
     "disk_cache_bytes": ("shardfs_disk_cache_bytes", "gauge", "Bytes held in the disk cache"),
     "disk_cache_limit_bytes": ("shardfs_disk_cache_limit_bytes", "gauge", "Disk cache cap"),

@@ -157,6 +157,10 @@ class LocalStore:
 
     def _error(self, exc: OSError, key: str) -> StoreError:
         if exc.errno == errno.ENOENT:
+            # A store directory that was moved or unmounted is an outage, not
+            # a missing object, so a placed store marks the member failed.
+            if not os.path.isdir(self.root):
+                return StoreNotFound(self.url, "no such directory")
             return ObjectNotFound(key)
         if exc.errno in (errno.EACCES, errno.EPERM):
             return StoreAccessDenied(self.url, f"{key}: {exc.strerror}")

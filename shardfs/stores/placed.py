@@ -194,6 +194,14 @@ class _Health:
         # None while healthy, else when the member may be probed.
         self._probe_at: float | None = None
         self._probing = False
+        # When the member was last marked unhealthy at WARNING level.
+        self._warned_at: float | None = None
+
+    @property
+    def unhealthy(self) -> bool:
+        """Whether the member is marked unhealthy and so tried last."""
+        with self._lock:
+            return self._probe_at is not None
 
     def healthy(self, probe: Callable[[], None]) -> bool:
         """Return whether the member is healthy, and start *probe* in a thread when one is due."""
@@ -239,10 +247,18 @@ class _Health:
             self._failures += 1
             if self._probe_at is not None or self._failures < self._threshold:
                 return
-            self._probe_at = self._clock() + self._unhealthy_s
+            now = self._clock()
+            self._probe_at = now + self._unhealthy_s
             failures = self._failures
-        log.warning(
-            "store member %s failed %d times in a row, trying it last for %.0f s: %s",
+            # A member marked unhealthy again within a minute of its last
+            # WARNING, after its probe passed, is logged at INFO.
+            repeated = self._warned_at is not None and now - self._warned_at < _REPEAT_LOG_INTERVAL_S
+            if not repeated:
+                self._warned_at = now
+        log.log(
+            logging.INFO if repeated else logging.WARNING,
+            "store member %s failed %d times in a row, trying it last for %.0f s "
+            "and reading from the other members: %s",
             self._name,
             failures,
             self._unhealthy_s,
@@ -295,12 +311,19 @@ class PlacedStore:
         self._bad_copies: collections.OrderedDict[str, set[int]] = collections.OrderedDict()
         # (member index, action) -> when a warning about it was last logged.
         self._last_logged: dict[tuple[int, str], float] = {}
+        # Reads served by a member other than the first in their rank: the
+        # first failed, was slow, was marked unhealthy or lacked a good copy.
+        self.failovers = 0
 
     # Placement.
 
     def rank(self, key: str) -> list[Member]:
         """Return every member, best first, for the chunk whose content key is *key*."""
         return [self.members[index] for index in self._placement.rank(key)]
+
+    def unhealthy_members(self) -> int:
+        """Return the number of members marked unhealthy, which reads try last."""
+        return sum(member.health.unhealthy for member in self.members)
 
     def placement(self, key: str) -> list[Member]:
         """Return the members that should hold the chunk whose content key is *key*."""
@@ -532,6 +555,8 @@ class PlacedStore:
         order = self._ordered(ranked, key)
         result, member = self._hedged(key, order, operation)
         with self._lock:
+            if member is not ranked[0]:
+                self.failovers += 1
             self._served_by[key] = member.index
             self._served_by.move_to_end(key)
             while len(self._served_by) > _REMEMBERED_KEYS:
