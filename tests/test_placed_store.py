@@ -650,7 +650,7 @@ def test_push_and_gc_local_members(tmp_path):
 
     listed = run_shardfs("ls", *arguments)
     assert listed.returncode == 0, listed.stderr
-    assert listed.stdout.startswith("org/m\t1 files")
+    assert listed.stdout.startswith("org/m\t1 file\t")
 
     removed = run_shardfs("rm", *arguments, "org/m")
     assert removed.returncode == 0, removed.stderr

@@ -325,7 +325,7 @@ def test_service_ready_only_after_mount_responds(
     assert os.path.ismount(service.mountpoint)
     assert (service.mountpoint / TINY_MODEL_FILE).stat().st_size == TINY_MODEL_SIZE
     assert fields["READY"] == "1"
-    assert fields["STATUS"] == f"serving 1 models of {s3_store} at {service.mountpoint}"
+    assert fields["STATUS"] == f"serving 1 model of {s3_store} at {service.mountpoint}"
     assert "is ready" in service.journal()
     assert service.stop() == 0
 

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from shardfs import codec
-from shardfs.config import parse_size
+from shardfs.config import format_count, parse_size
 from shardfs.errors import ChunkCorrupt, ManifestInvalid, UsageError
 from shardfs.layout import chunk_offsets, slices_for_range
 from shardfs.manifest import (
@@ -42,6 +42,15 @@ def test_parse_size_accepts(text, expected):
 def test_parse_size_rejects(text):
     with pytest.raises(UsageError, match="invalid size"):
         parse_size(text)
+
+
+@pytest.mark.parametrize(
+    "count, noun, plural, expected",
+    [(0, "model", None, "0 models"), (1, "model", None, "1 model"), (2, "file", None, "2 files"),
+     (1, "retry", "retries", "1 retry"), (3, "retry", "retries", "3 retries")],
+)
+def test_format_count(count, noun, plural, expected):
+    assert format_count(count, noun, plural) == expected
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """``shardfs status``: what the daemon of a mount is doing."""
 
 from shardfs import control_protocol
-from shardfs.config import format_size
+from shardfs.config import format_count, format_size
 
 
 def add_parser(subparsers) -> None:
@@ -20,16 +20,18 @@ def run(args) -> int:
         return 0
     print(f"mount          {reply['mountpoint']}")
     print(f"models         {reply['models']}")
-    print(f"served         {format_size(reply['bytes_read'])} in {reply['reads']} reads, "
-          f"{reply['read_errors']} failed")
-    print(f"fetched        {format_size(reply['bytes_fetched'])} in {reply['chunks_fetched']} "
-          f"requests, {reply['fetches_in_flight']} in flight, {reply['retries']} retries")
+    print(f"served         {format_size(reply['bytes_read'])} in "
+          f"{format_count(reply['reads'], 'read')}, {reply['read_errors']} failed")
+    print(f"fetched        {format_size(reply['bytes_fetched'])} in "
+          f"{format_count(reply['chunks_fetched'], 'request')}, "
+          f"{reply['fetches_in_flight']} in flight, "
+          f"{format_count(reply['retries'], 'retry', 'retries')}")
     print(f"cache          {format_size(reply['disk_cache_bytes'])} of "
           f"{format_size(reply['disk_cache_limit_bytes'])} on disk, "
           f"{format_size(reply['memory_bytes'])} in memory, "
           f"hit ratio {reply['cache_hit_ratio']:.2f}")
     for model in reply["model_list"]:
         share = model["cached"] / model["size"] if model["size"] else 1.0
-        print(f"  {model['name']}\t{model['files']} files\t{format_size(model['size'])}"
-              f"\t{share:.0%} cached")
+        files = format_count(model["files"], "file")
+        print(f"  {model['name']}\t{files}\t{format_size(model['size'])}\t{share:.0%} cached")
     return 0

@@ -24,7 +24,7 @@ import subprocess
 import pyfuse3
 import trio
 
-from shardfs.config import MountConfig, StoreConfig
+from shardfs.config import MountConfig, StoreConfig, format_count
 from shardfs.errors import StoreError, StoreUnavailable, UsageError
 from shardfs.mount.chunk_source import ChunkSource
 from shardfs.mount.control import ControlServer
@@ -132,8 +132,8 @@ def load_listing(store: Store, copy: ManifestCopy) -> tuple[dict[str, bytes], se
             raise
         manifests = copy.load()
         log.warning(
-            "store is unreachable, serving %d models from the last listing: %s",
-            len(manifests),
+            "store is unreachable, serving %s from the last listing: %s",
+            format_count(len(manifests), "model"),
             exc,
         )
         return manifests, set()
@@ -199,10 +199,10 @@ def serve(store_config: StoreConfig, config: MountConfig, on_ready=None) -> None
     apply_listing(tree, listing, manifests)
     tree.unavailable = unavailable
     log.info(
-        "store %s: %d models, %d files, %d bytes",
+        "store %s: %s, %s, %d bytes",
         store.url,
-        len(listing.digests),
-        tree.count_files(),
+        format_count(len(listing.digests), "model"),
+        format_count(tree.count_files(), "file"),
         tree.total_size(),
     )
     chunks = ChunkSource(
@@ -232,7 +232,8 @@ def serve(store_config: StoreConfig, config: MountConfig, on_ready=None) -> None
 
     log.info("mounted %s at %s", store.url, config.mountpoint)
     stats_path = os.path.join(config.cache_dir, "stats.json")
-    status = f"serving {len(listing.digests)} models of {store.url} at {config.mountpoint}"
+    models = format_count(len(listing.digests), "model")
+    status = f"serving {models} of {store.url} at {config.mountpoint}"
     readiness = Readiness(on_ready, notifier, status)
     try:
         refresher = Refresher(store, copy, tree, listing, config.refresh_interval_s)
