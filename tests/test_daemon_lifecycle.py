@@ -107,7 +107,7 @@ def test_foreground_mount_exits_zero_on_unmount(tiny_store, tiny_source, tmp_pat
         assert mount.process.poll() is None
 
 
-# The mount's source in /proc/mounts.
+# The mount's source in /proc/mounts, and shardfs unmount's errors.
 
 
 def proc_mounts_line(mountpoint) -> list[str]:
@@ -175,3 +175,24 @@ def test_proc_mounts_source_of_placed_store(tmp_path, tiny_source):
         assert proc_mounts_line(mountpoint)[0] == "+".join(members)
     finally:
         assert run_shardfs("unmount", str(mountpoint)).returncode == 0
+
+
+def test_unmount_not_mounted(tmp_path):
+    result = run_shardfs("unmount", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"shardfs: error: {str(tmp_path)!r} is not mounted"
+
+
+def test_unmount_busy_mount(tiny_store, tmp_path):
+    mountpoint = tmp_path / "mnt"
+    with mounted(tiny_store, str(mountpoint)):
+        with open(mountpoint / TINY_MODEL_FILE, "rb"):
+            result = run_shardfs("unmount", str(mountpoint))
+            assert result.returncode == 2
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1, result.stderr
+            assert lines[0].startswith(f"shardfs: error: unmounting {str(mountpoint)!r} failed: ")
+            assert "busy, because files on it are open or mapped" in lines[0]
+            lazy = "umount -l" if os.geteuid() == 0 else "fusermount3 -u -z"
+            assert f"'{lazy} {mountpoint}'" in lines[0]
+            assert os.path.ismount(mountpoint)

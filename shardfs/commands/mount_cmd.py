@@ -21,6 +21,7 @@ from shardfs import config_file
 from shardfs.config import MiB, MountConfig, RetryConfig, StoreConfig, default_cache_dir
 from shardfs.config_file import SETTINGS, SettingValue
 from shardfs.errors import ShardfsError, UsageError
+from shardfs.mount.mount_table import SHARDFS_TYPE, mount_at
 
 log = logging.getLogger(__name__)
 
@@ -368,13 +369,30 @@ def _open_log_dir(cache_dir: str) -> str:
 
 def run_unmount(args) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
+    # The mount table, not os.path.ismount, because a mount whose daemon
+    # was killed fails every stat but can still be unmounted.
+    entry = mount_at(mountpoint)
+    if entry is None:
+        raise UsageError(f"{mountpoint!r} is not mounted")
+    if entry.fstype != SHARDFS_TYPE:
+        raise UsageError(f"{mountpoint!r} is a {entry.fstype} mount, not a shardfs mount")
     fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
     if fusermount is None:
         raise UsageError("fusermount3 not found; install the fuse3 package")
+    # fusermount3 prints strerror, which is only English text in the C locale.
+    environment = {**os.environ, "LC_ALL": "C"}
     result = subprocess.run(
-        [fusermount, "-u", mountpoint], capture_output=True, text=True, check=False
+        [fusermount, "-u", mountpoint], capture_output=True, text=True, check=False,
+        env=environment,
     )
-    if result.returncode != 0:
-        detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
-        raise UsageError(f"unmounting {mountpoint!r} failed: {detail}")
-    return 0
+    if result.returncode == 0:
+        return 0
+    detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+    if "Device or resource busy" in detail:
+        lazy = "umount -l" if os.geteuid() == 0 else "fusermount3 -u -z"
+        raise UsageError(
+            f"unmounting {mountpoint!r} failed: the mount is busy, because files on it "
+            f"are open or mapped; close them, or run '{lazy} {mountpoint}' to detach it "
+            "now and stop the daemon once they are closed"
+        )
+    raise UsageError(f"unmounting {mountpoint!r} failed: {detail}")
