@@ -348,6 +348,29 @@ def test_push_rejects_bad_chunk_size(local_seeded_store, workdir, size):
     assert local_seeded_store.snapshot() == before
 
 
+BAD_PUSH_ARGUMENTS = {
+    "store-as-argument": (["--replicas", "2", "STORE", "SOURCE", "org/new"], "org/new"),
+    "unknown-option": (["--bogus", "SOURCE", "org/new"], "--bogus"),
+}
+
+
+@pytest.mark.parametrize(
+    "argv, unknown", list(BAD_PUSH_ARGUMENTS.values()), ids=list(BAD_PUSH_ARGUMENTS)
+)
+def test_push_bad_arguments_show_push_usage(local_seeded_store, workdir, argv, unknown):
+    argv = [local_seeded_store.url if word == "STORE" else word for word in argv]
+    argv = [write_model_source(os.path.join(workdir, "source")) if word == "SOURCE" else word
+            for word in argv]
+    before = local_seeded_store.snapshot()
+    result = run_shardfs("push", *argv)
+    assert result.returncode == EXIT_USAGE
+    assert result.stderr.startswith("usage: shardfs push "), result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"shardfs push: error: unrecognized arguments: {unknown}"
+    )
+    assert local_seeded_store.snapshot() == before
+
+
 # Stores that cannot be used
 
 
