@@ -413,6 +413,22 @@ def test_file_as_local_store(workdir, mountpoint, command):
         assert file.read() == b"not a store"
 
 
+@pytest.mark.parametrize("command", ["ls", "mount"])
+def test_directory_not_a_store(workdir, mountpoint, command):
+    path = os.path.join(workdir, "documents")
+    os.mkdir(path)
+    with open(os.path.join(path, "notes.txt"), "w") as file:
+        file.write("not a store\n")
+    result = run_shardfs(*store_command(command, path, workdir), timeout=60)
+    assert_one_line_error(
+        result,
+        EXIT_FAILED,
+        f"store not found: {path}: the directory is not a shardfs store "
+        "(no models/ or chunks/ in it)",
+    )
+    assert not os.path.ismount(mountpoint)
+
+
 UNSUPPORTED_URLS = {
     "gs-scheme": "gs://bucket/models",
     "ftp-scheme": "ftp://127.0.0.1/models",

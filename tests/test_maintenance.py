@@ -265,7 +265,7 @@ def test_maintenance_missing_store(tmp_path, command):
     missing = str(tmp_path / "nowhere")
     result = run_shardfs(command[0], missing, *command[1:])
     assert result.returncode == 1
-    assert result.stderr.strip() == f"shardfs: error: store not found: {missing} (no such directory)"
+    assert result.stderr.strip() == f"shardfs: error: store not found: {missing}: no such directory"
 
 
 def test_maintenance_unreachable_s3():
