@@ -109,7 +109,8 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     cache.add_argument(
         "--cache-size", dest="cache_size", metavar="SIZE",
         help="SSD cache cap: bytes such as 50G, or a share of the cache directory's "
-        f"disk such as 20%% (default: {MountConfig.cache_share * 100:.0f}%%)",
+        "disk such as 20%%; 0 keeps no chunks on disk and deletes those cached "
+        f"before (default: {MountConfig.cache_share * 100:.0f}%%)",
     )
     cache.add_argument(
         "--memory-limit", dest="memory_limit", metavar="SIZE",
