@@ -74,6 +74,11 @@ def format_size(count: float) -> str:
     raise AssertionError("unreachable")
 
 
+def format_count(count: int, noun: str, plural: str | None = None) -> str:
+    """Format *count* with *noun*, or with *plural* (default: *noun* + "s") unless it is 1."""
+    return f"{count} {noun}" if count == 1 else f"{count} {plural or noun + 's'}"
+
+
 def default_store_url() -> str:
     """Return the local store used when no ``--store`` is given."""
     if os.geteuid() == 0:

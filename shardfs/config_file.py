@@ -52,7 +52,13 @@ class SettingValue:
 
     @classmethod
     def from_flag(cls, flag: str, value: Any) -> "SettingValue":
-        label = flag if isinstance(value, bool) else f"{flag} {value!r}"
+        if isinstance(value, bool):
+            label = flag
+        elif isinstance(value, list):
+            # A repeated flag, labelled as it was typed.
+            label = " ".join(f"{flag} {item!r}" for item in value)
+        else:
+            label = f"{flag} {value!r}"
         return cls(value, label, from_text=not isinstance(value, bool))
 
     @classmethod
@@ -114,9 +120,9 @@ def _endpoint_url(value: Any, from_text: bool) -> str:
 
 def _store_values(value: Any, from_text: bool) -> list[str]:
     values = value if isinstance(value, list) else [value]
-    if len(values) < 2 or not all(isinstance(item, str) and item.strip() for item in values):
+    if not values or not all(isinstance(item, str) and item.strip() for item in values):
         raise ValueError(
-            "expected two or more member stores, each "
+            "expected one store, or two or more member stores, each "
             "URL[,endpoint=http://HOST:PORT][,weight=N][,id=NAME]"
         )
     # The daemon runs in /, so local member paths are made absolute here.
@@ -386,17 +392,31 @@ def default_mount_cache_dir() -> str:
     return default_cache_dir()
 
 
-def store_config(resolved: dict[str, Any]):
-    """Build the store's config from resolved settings; a store URL or members must be set."""
-    if "stores" in resolved:
-        from shardfs.stores.placed import parse_member, placed_config
+def store_config(resolved: dict[str, Any], from_file: dict[str, str] | None = None):
+    """Build the store's config from resolved settings; a store URL or members must be set.
 
-        connections = resolved.get("max_connections", StoreConfig.max_connections)
-        members = [
-            parse_member(value, resolved.get("endpoint_url"), connections)
-            for value in resolved["stores"]
-        ]
-        return placed_config(members, resolved.get("replicas"), connections)
+    *from_file* maps the keys whose values came from a config file to that
+    file's path, so messages name the key where it was set.
+    """
+    from_file = from_file or {}
+    if "stores" in resolved:
+        from shardfs.stores.members import store_from_values
+
+        return store_from_values(
+            resolved["stores"],
+            resolved.get("replicas"),
+            resolved.get("endpoint_url"),
+            resolved.get("max_connections", StoreConfig.max_connections),
+            members_file=from_file.get("stores"),
+            replicas_file=from_file.get("replicas"),
+        )
+    replicas = resolved.get("replicas", 1)
+    if replicas != 1:
+        from shardfs.stores.members import SINGLE_STORE_REPLICAS
+
+        path = from_file.get("replicas")
+        label = f"--replicas {replicas}" if path is None else f"replicas = {replicas} in {path}"
+        raise UsageError(f"invalid {label}: {SINGLE_STORE_REPLICAS}")
     options = {"url": resolved["store"]}
     if "endpoint_url" in resolved:
         options["endpoint_url"] = resolved["endpoint_url"]

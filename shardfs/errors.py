@@ -21,7 +21,8 @@ class StoreError(ShardfsError):
 
 class StoreNotFound(StoreError):
     def __init__(self, url: str, detail: str):
-        super().__init__(f"store not found: {url} ({detail})")
+        # A colon, not brackets, because a detail may contain brackets of its own.
+        super().__init__(f"store not found: {url}: {detail}")
         self.url = url
 
 

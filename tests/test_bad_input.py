@@ -348,6 +348,29 @@ def test_push_rejects_bad_chunk_size(local_seeded_store, workdir, size):
     assert local_seeded_store.snapshot() == before
 
 
+BAD_PUSH_ARGUMENTS = {
+    "store-as-argument": (["--replicas", "2", "STORE", "SOURCE", "org/new"], "org/new"),
+    "unknown-option": (["--bogus", "SOURCE", "org/new"], "--bogus"),
+}
+
+
+@pytest.mark.parametrize(
+    "argv, unknown", list(BAD_PUSH_ARGUMENTS.values()), ids=list(BAD_PUSH_ARGUMENTS)
+)
+def test_push_bad_arguments_show_push_usage(local_seeded_store, workdir, argv, unknown):
+    argv = [local_seeded_store.url if word == "STORE" else word for word in argv]
+    argv = [write_model_source(os.path.join(workdir, "source")) if word == "SOURCE" else word
+            for word in argv]
+    before = local_seeded_store.snapshot()
+    result = run_shardfs("push", *argv)
+    assert result.returncode == EXIT_USAGE
+    assert result.stderr.startswith("usage: shardfs push "), result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"shardfs push: error: unrecognized arguments: {unknown}"
+    )
+    assert local_seeded_store.snapshot() == before
+
+
 # Stores that cannot be used
 
 
@@ -388,6 +411,22 @@ def test_file_as_local_store(workdir, mountpoint, command):
     assert_one_line_error(result, EXIT_FAILED, path)
     with open(path, "rb") as file:
         assert file.read() == b"not a store"
+
+
+@pytest.mark.parametrize("command", ["ls", "mount"])
+def test_directory_not_a_store(workdir, mountpoint, command):
+    path = os.path.join(workdir, "documents")
+    os.mkdir(path)
+    with open(os.path.join(path, "notes.txt"), "w") as file:
+        file.write("not a store\n")
+    result = run_shardfs(*store_command(command, path, workdir), timeout=60)
+    assert_one_line_error(
+        result,
+        EXIT_FAILED,
+        f"store not found: {path}: the directory is not a shardfs store "
+        "(no models/ or chunks/ in it)",
+    )
+    assert not os.path.ismount(mountpoint)
 
 
 UNSUPPORTED_URLS = {

@@ -12,6 +12,7 @@ from shardfs import cli, config_file
 from shardfs.commands import mount_cmd
 from shardfs.config import MiB, MountConfig, PrefetchConfig, RetryConfig, StoreConfig
 from shardfs.errors import UsageError
+from shardfs.stores.placed import PlacedStoreConfig
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "config.toml")
 NOBODY = 65534
@@ -273,6 +274,8 @@ BAD_FILE_VALUES = {
     "prefetch-enabled": ('[prefetch]\nenabled = "no"', 'prefetch.enabled = "no"'),
     "prefetch-chunks": ("[prefetch]\nmax_chunks = 0", "prefetch.max_chunks = 0"),
     "prefetch-margin": ('[prefetch]\ncrossing_margin = "x"', 'prefetch.crossing_margin = "x"'),
+    "stores-empty": ("stores = []", "stores = [...]"),
+    "stores-number": ("stores = [1, 2]", "stores = [...]"),
 }
 
 
@@ -296,6 +299,7 @@ BAD_FLAG_VALUES = {
     "log-level": (["--log-level", "loud"], "--log-level 'loud'"),
     "read-ahead": (["--read-ahead-kb", "1.5"], "--read-ahead-kb '1.5'"),
     "endpoint": (["--endpoint-url", "localhost:9000"], "--endpoint-url 'localhost:9000'"),
+    "store-empty": (["--store", "/srv/a", "--store", " "], "--store '/srv/a' --store ' '"),
 }
 
 
@@ -315,6 +319,90 @@ def test_initial_chunks_above_max_rejected(tmp_path):
     text = "[prefetch]\ninitial_chunks = 20\n"
     with pytest.raises(UsageError, match=r"initial_chunks \(20\) is above max_chunks \(16\)"):
         resolve(tmp_path, text, "/s", "/m")
+
+
+# The store: STORE, --store once or once per member, or store or stores in the file.
+
+
+def mount_store(tmp_path, text: str | None, *argv: str):
+    """Return the store config of ``shardfs mount ARGV`` with a config file of *text*."""
+    path = write_config(tmp_path, text) if text is not None else None
+    overrides = command_line(*argv)
+    resolved = mount_cmd.resolve_settings(path, overrides)
+    return mount_cmd.store_config(path, overrides, resolved)
+
+
+def test_single_store_flag_is_plain_store(tmp_path):
+    store = mount_store(tmp_path, None, "--store", "/srv/a", "/mnt/m")
+    assert store == StoreConfig("/srv/a")
+
+
+def test_single_stores_entry_is_plain_store(tmp_path):
+    store = mount_store(tmp_path, 'stores = ["/srv/a"]\n', "/mnt/m")
+    assert store == StoreConfig("/srv/a")
+
+
+def test_store_flags_build_placed_store(tmp_path):
+    store = mount_store(tmp_path, None, "--store", "/srv/a", "--store", "/srv/b", "/mnt/m")
+    assert isinstance(store, PlacedStoreConfig)
+    assert [member.store.url for member in store.members] == ["/srv/a", "/srv/b"]
+
+
+# Each case: the file's text, the command line, and the message.
+BAD_STORES = {
+    "replicas-flag-plain-store": (
+        None, ["--replicas", "2", "/srv/a", "/mnt/m"],
+        "invalid --replicas 2: a single store keeps one copy of each chunk",
+    ),
+    "replicas-flag-single-store-flag": (
+        None, ["--replicas", "2", "--store", "/srv/a", "/mnt/m"],
+        "invalid --replicas 2: a single store keeps one copy of each chunk",
+    ),
+    "replicas-key-plain-store": (
+        'store = "/srv/a"\nreplicas = 2\n', ["/mnt/m"],
+        "invalid replicas = 2 in CONFIG: a single store keeps one copy of each chunk",
+    ),
+    "both-keys": (
+        'store = "/srv/a"\nstores = ["/srv/b", "/srv/c"]\n', ["/mnt/m"],
+        "config file CONFIG sets both store and stores; keep one of them",
+    ),
+    "store-argument-and-stores-key": (
+        'stores = ["/srv/b", "/srv/c"]\n', ["/srv/a", "/mnt/m"],
+        "store given twice, as STORE '/srv/a' and as stores in CONFIG; give one of them",
+    ),
+    "store-key-and-store-flags": (
+        'store = "/srv/a"\n', ["--store", "/srv/b", "--store", "/srv/c", "/mnt/m"],
+        "store given twice, as store in CONFIG and as --store; give one of them",
+    ),
+    "store-argument-and-store-flag": (
+        None, ["--store", "/srv/b", "/srv/a", "/mnt/m"],
+        "store given twice, as STORE '/srv/a' and as --store; give one of them",
+    ),
+    "stores-key-listed-twice": (
+        'stores = ["/srv/a", "/srv/a/"]\n', ["/mnt/m"],
+        "stores entries '/srv/a' and '/srv/a' in CONFIG are the same store listed twice",
+    ),
+    "stores-key-weights-zero": (
+        'stores = ["/srv/a,weight=0", "/srv/b,weight=0"]\nreplicas = 1\n', ["/mnt/m"],
+        "no stores entry in CONFIG has a positive weight",
+    ),
+    "replicas-key-above-members": (
+        'stores = ["/srv/a", "/srv/b"]\nreplicas = 3\n', ["/mnt/m"],
+        "invalid replicas = 3 in CONFIG: expected 1 to 2, because there are 2 entries "
+        "of stores in CONFIG with a positive weight",
+    ),
+    "replicas-flag-above-members": (
+        'stores = ["/srv/a", "/srv/b"]\n', ["--replicas", "3", "/mnt/m"],
+        "invalid --replicas 3: expected 1 to 2",
+    ),
+}
+
+
+@pytest.mark.parametrize("text, argv, message", BAD_STORES.values(), ids=BAD_STORES)
+def test_bad_store_settings_rejected(tmp_path, text, argv, message):
+    with pytest.raises(UsageError) as info:
+        mount_store(tmp_path, text, *argv)
+    assert str(info.value).startswith(message.replace("CONFIG", str(tmp_path / "config.toml")))
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,7 @@ def test_status_counts_known_reads(store_with_two_models, tmp_path):
         assert shares == {"org/alpha": 1.0, "org/beta": 0.0}
         text = run_shardfs("status", mount.path)
         assert text.returncode == 0, text.stderr
-        assert "org/alpha" in text.stdout
+        assert "org/alpha\t1 file\t" in text.stdout
 
 
 def test_warm_makes_model_resident(store_with_two_models, tmp_path):

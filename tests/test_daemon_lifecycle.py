@@ -105,3 +105,94 @@ def test_foreground_mount_exits_zero_on_unmount(tiny_store, tiny_source, tmp_pat
     with mounted(store, str(tmp_path / "mnt")) as mount:
         assert (tmp_path / "mnt" / TINY_MODEL_FILE).read_bytes() == content
         assert mount.process.poll() is None
+
+
+# The mount's source in /proc/mounts, and shardfs unmount's errors.
+
+
+def proc_mounts_line(mountpoint) -> list[str]:
+    """Return the fields of the /proc/self/mounts line of *mountpoint*, as the kernel wrote them."""
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as mounts:
+        lines = [line.split() for line in mounts if line.split()[1] == str(mountpoint)]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def kernel_escaped(text: str) -> str:
+    """Return *text* as /proc/mounts writes it: space, tab, newline and backslash in octal."""
+    for character in "\\ \t\n":
+        text = text.replace(character, f"\\{ord(character):03o}")
+    return text
+
+
+def test_proc_mounts_source_is_store_path(tiny_store, tiny_source, tmp_path):
+    # Commas, spaces, backslashes and non-ASCII letters must survive the
+    # FUSE option string.
+    store = tmp_path / "store, with space\\and é"
+    os.rename(tiny_store, store)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    cache = str(tmp_path / "cache")
+    result = run_shardfs("mount", "--cache-dir", cache, str(store), str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    try:
+        source, _, fstype, *_ = proc_mounts_line(mountpoint)
+        assert source == kernel_escaped(str(store))
+        assert fstype == "fuse.shardfs"
+        assert (mountpoint / TINY_MODEL_FILE).read_bytes() == tiny_source.read_bytes()
+    finally:
+        assert run_shardfs("unmount", str(mountpoint)).returncode == 0
+
+
+def test_proc_mounts_source_is_s3_url(tmp_path, s3_store, moto_endpoint, tiny_source):
+    options = ("--endpoint-url", moto_endpoint)
+    pushed = run_shardfs("push", *options, "--store", s3_store, str(tiny_source), "org/tiny")
+    assert pushed.returncode == 0, pushed.stderr
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    result = run_shardfs(
+        "mount", *options, "--cache-dir", str(tmp_path / "cache"), s3_store, str(mountpoint)
+    )
+    assert result.returncode == 0, result.stderr
+    try:
+        assert proc_mounts_line(mountpoint)[:3] == [s3_store, str(mountpoint), "fuse.shardfs"]
+    finally:
+        assert run_shardfs("unmount", str(mountpoint)).returncode == 0
+
+
+def test_proc_mounts_source_of_placed_store(tmp_path, tiny_source):
+    members = [str(tmp_path / "a"), str(tmp_path / "b")]
+    store_flags = ["--store", members[0], "--store", f"{members[1]},weight=2"]
+    pushed = run_shardfs("push", *store_flags, str(tiny_source), "org/tiny")
+    assert pushed.returncode == 0, pushed.stderr
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    result = run_shardfs(
+        "mount", *store_flags, "--cache-dir", str(tmp_path / "cache"), str(mountpoint)
+    )
+    assert result.returncode == 0, result.stderr
+    try:
+        assert proc_mounts_line(mountpoint)[0] == "+".join(members)
+    finally:
+        assert run_shardfs("unmount", str(mountpoint)).returncode == 0
+
+
+def test_unmount_not_mounted(tmp_path):
+    result = run_shardfs("unmount", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"shardfs: error: {str(tmp_path)!r} is not mounted"
+
+
+def test_unmount_busy_mount(tiny_store, tmp_path):
+    mountpoint = tmp_path / "mnt"
+    with mounted(tiny_store, str(mountpoint)):
+        with open(mountpoint / TINY_MODEL_FILE, "rb"):
+            result = run_shardfs("unmount", str(mountpoint))
+            assert result.returncode == 2
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1, result.stderr
+            assert lines[0].startswith(f"shardfs: error: unmounting {str(mountpoint)!r} failed: ")
+            assert "busy, because files on it are open or mapped" in lines[0]
+            lazy = "umount -l" if os.geteuid() == 0 else "fusermount3 -u -z"
+            assert f"'{lazy} {mountpoint}'" in lines[0]
+            assert os.path.ismount(mountpoint)

@@ -161,6 +161,6 @@ def test_store_down_at_start_serves_last_listing(tmp_path, s3_store, moto_endpoi
     closed_port = f"http://127.0.0.1:{free_port()}"
     options = ("--refresh-interval", "0", "--read-timeout", "2")
     with mounted(s3_store, mountpoint, *options, endpoint=closed_port) as mount:
-        mount.expect_log("store is unreachable, serving 1 models from the last listing")
+        mount.expect_log("store is unreachable, serving 1 model from the last listing")
         with open(os.path.join(mount.path, "org/m/w.bin"), "rb") as file:
             assert file.read() == content

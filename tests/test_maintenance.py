@@ -150,6 +150,8 @@ def test_gc_keeps_named_and_young_chunks(two_models, tmp_path):
     result = run_shardfs("gc", two_models.root)
     assert result.returncode == 0, result.stderr
     assert "deleted 0 " in result.stdout
+    assert ", kept 0 younger than 24h (0 B); " in result.stdout
+    assert result.stdout.startswith("2 models and 1 retired manifest name ")
     assert replaced <= stored_chunks(two_models)
 
     report = collect_garbage(two_models, grace_s=DAY, now=lambda: time.time() + 0.5 * DAY)
@@ -179,6 +181,10 @@ def test_gc_dry_run_and_zero_grace(two_models):
     dry = run_shardfs("gc", "--grace", "0", "--dry-run", two_models.root)
     assert dry.returncode == 0, dry.stderr
     assert f"would delete {len(orphans)} " in dry.stdout
+    assert dry.stdout.startswith("1 model and 0 retired manifests name ")
+    # No chunk is younger than a grace period of 0, so the count is left out.
+    assert "younger than" not in dry.stdout
+    assert dry.stdout.rstrip().endswith("would delete 1 expired retired manifest")
     assert orphans <= stored_chunks(two_models)
 
     real = run_shardfs("gc", "--grace", "0", two_models.root)
@@ -274,7 +280,7 @@ def test_maintenance_missing_store(tmp_path, command):
     missing = str(tmp_path / "nowhere")
     result = run_shardfs(command[0], missing, *command[1:])
     assert result.returncode == 1
-    assert result.stderr.strip() == f"shardfs: error: store not found: {missing} (no such directory)"
+    assert result.stderr.strip() == f"shardfs: error: store not found: {missing}: no such directory"
 
 
 def test_maintenance_unreachable_s3():

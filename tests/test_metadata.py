@@ -264,7 +264,7 @@ def test_ls_lists_models_with_counts_and_sizes(listed_store):
         name, files, size, stored = line.split("\t")
         rows[name] = (files, size)
         assert stored.endswith(" stored"), line
-    assert rows == {"a/b/c": ("1 files", "100 B"), "org/model": ("2 files", "1.5 MiB")}
+    assert rows == {"a/b/c": ("1 file", "100 B"), "org/model": ("2 files", "1.5 MiB")}
 
 
 # Read-only operations

@@ -4,7 +4,7 @@ import json
 import os
 import shutil
 
-from conftest import needs_fuse, run_shardfs
+from conftest import TINY_MODEL_FILE, needs_fuse, run_shardfs
 
 pytestmark = needs_fuse
 
@@ -73,4 +73,20 @@ def test_mount_rejects_store_and_members(tmp_path):
         str(tmp_path / "a"), str(tmp_path / "mnt"),
     )
     assert result.returncode == 2
-    assert "not both" in result.stderr
+    assert result.stderr.strip() == (
+        f"shardfs: error: store given twice, as STORE {str(tmp_path / 'a')!r} and as "
+        "--store; give one of them"
+    )
+
+
+def test_mount_single_store_flag_is_plain_store(tiny_store, tiny_source, tmp_path):
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    mounted = run_shardfs(
+        "mount", "--store", tiny_store, "--cache-dir", str(tmp_path / "cache"), str(mountpoint)
+    )
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        assert (mountpoint / TINY_MODEL_FILE).read_bytes() == tiny_source.read_bytes()
+    finally:
+        assert run_shardfs("unmount", str(mountpoint)).returncode == 0

@@ -199,6 +199,18 @@ def test_single_store_value_is_plain_store():
     assert config == StoreConfig("s3://alpha", "http://127.0.0.1:9001")
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [("ls",), ("gc",), ("verify", "org/a"), ("rm", "org/a"), ("repair",),
+     ("push", "source", "org/a")],
+    ids=lambda argv: argv[0],
+)
+def test_single_store_value_every_command(argv):
+    command, *rest = argv
+    config, _ = parse_store_arguments(command, "--store", "/srv/a,weight=2", *rest)
+    assert config == StoreConfig("/srv/a")
+
+
 def test_verify_names_after_store_values():
     config, args = parse_store_arguments(
         "verify", "--store", "/srv/a", "--store", "/srv/b", "org/a", "org/b"
@@ -227,12 +239,17 @@ def test_rm_name_after_store_values():
         (("ls", "--store", "/srv/a", "--store", "/srv/b,weight=1,weight=2"), "option 'weight' is given twice"),
         (("ls", "--store", "/srv/a", "--store", "/srv/b,endpoint=http://h"), "endpoint= applies only to s3://"),
         (("ls", "--store", "s3://a", "--store", "s3://b,endpoint=h:9"), "endpoint 'h:9' is not an http://"),
-        (("ls", "--store", "/srv/a", "--store", "file:///srv/a"), "are the same store '/srv/a'"),
-        (("ls", "--store", "s3://a/", "--store", "s3://a,endpoint=http://h"), "give them distinct ids"),
-        (("ls", "--store", "/srv/a", "--store", "/srv/b", "--replicas", "3"), "invalid --replicas 3: expected 1 to 2"),
-        (("ls", "--store", "/srv/a", "--store", "/srv/b", "--replicas", "0"), "invalid --replicas 0"),
-        (("ls", "--store", "/srv/a", "--store", "/srv/b,weight=0"), "expected 1 to 1"),
+        (("ls", "--store", "/srv/a", "--store", "file:///srv/a"), "'/srv/a' and 'file:///srv/a' are the same store listed twice"),
+        (("ls", "--store", "/srv/a,id=x", "--store", "/srv/a/,id=y"), "are the same store listed twice"),
+        (("ls", "--store", "s3://a/p", "--store", "s3://a/p/"), "are the same store listed twice"),
+        (("ls", "--store", "s3://a/", "--store", "s3://a,endpoint=http://h"), "different stores with the same placement id 's3://a'; give them distinct ids"),
+        (("ls", "--store", "/srv/a,id=x", "--store", "/srv/b,id=x"), "different stores with the same placement id 'x'"),
+        (("ls", "--store", "/srv/a", "--store", "/srv/b", "--replicas", "3"), "invalid --replicas 3: expected 1 to 2, because there are 2 --store values with a positive weight"),
+        (("ls", "--store", "/srv/a", "--store", "/srv/b", "--replicas", "0"), "invalid --replicas 0: expected at least 1"),
+        (("ls", "--store", "/srv/a", "--store", "/srv/b,weight=0"), "the default of 2 replicas needs at least 2 members with a positive weight, but there is 1 --store value"),
+        (("ls", "--store", "/srv/a,weight=0", "--store", "/srv/b,weight=0", "--replicas", "1"), "no --store value has a positive weight"),
         (("ls", "--store", "/srv/a", "--replicas", "2"), "a single store keeps one copy"),
+        (("ls", "/srv/a", "--replicas", "2"), "a single store keeps one copy"),
     ],
 )
 def test_invalid_store_values_rejected(argv, message):
@@ -755,7 +772,7 @@ def test_push_and_gc_local_members(tmp_path):
 
     listed = run_shardfs("ls", *arguments)
     assert listed.returncode == 0, listed.stderr
-    assert listed.stdout.startswith("org/m\t1 files")
+    assert listed.stdout.startswith("org/m\t1 file\t")
 
     removed = run_shardfs("rm", *arguments, "org/m")
     assert removed.returncode == 0, removed.stderr

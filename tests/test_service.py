@@ -325,7 +325,7 @@ def test_service_ready_only_after_mount_responds(
     assert os.path.ismount(service.mountpoint)
     assert (service.mountpoint / TINY_MODEL_FILE).stat().st_size == TINY_MODEL_SIZE
     assert fields["READY"] == "1"
-    assert fields["STATUS"] == f"serving 1 models of {s3_store} at {service.mountpoint}"
+    assert fields["STATUS"] == f"serving 1 model of {s3_store} at {service.mountpoint}"
     assert "is ready" in service.journal()
     assert service.stop() == 0
 
@@ -675,6 +675,96 @@ def test_fstab_line_mounts(helper_installed, helper_mountpoint, tiny_store, tiny
     assert result.returncode == 0, result.stderr
     assert (helper_mountpoint / TINY_MODEL_FILE).read_bytes() == tiny_source.read_bytes()
     assert (tmp_path / "cache" / "daemon.log").exists()
+    unmount = subprocess.run(["umount", str(helper_mountpoint)], capture_output=True, text=True)
+    assert unmount.returncode == 0, unmount.stderr
+    assert wait_unmounted(helper_mountpoint)
+
+
+def helper_command(store, mountpoint, options: str) -> list[str]:
+    helper = os.path.join(SCRIPTS, "mount.fuse.shardfs")
+    if not os.access(helper, os.X_OK):
+        pytest.skip("mount.fuse.shardfs is not installed; run pip install -e .")
+    return [helper, str(store), str(mountpoint), "-o", options]
+
+
+def daemon_count(cache) -> int:
+    """Return how many daemons logged "is ready" to the daemon log in *cache*."""
+    return (cache / "daemon.log").read_text().count("is ready")
+
+
+@needs_fuse
+def test_helper_mount_twice_succeeds(helper_mountpoint, tiny_store, tmp_path):
+    cache = tmp_path / "cache"
+    command = helper_command(tiny_store, helper_mountpoint, f"ro,cache_dir={cache}")
+    first = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert second.stderr == ""
+    assert daemon_count(cache) == 1
+    assert mount_type(helper_mountpoint) == "fuse.shardfs"
+
+
+@needs_fuse
+def test_helper_other_store_on_mountpoint_fails(helper_mountpoint, tiny_store, tmp_path):
+    cache = tmp_path / "cache"
+    first = subprocess.run(
+        helper_command(tiny_store, helper_mountpoint, f"ro,cache_dir={cache}"),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert first.returncode == 0, first.stderr
+    other = tmp_path / "other-store"
+    shutil.copytree(tiny_store, other)
+    second = subprocess.run(
+        helper_command(other, helper_mountpoint, f"ro,cache_dir={tmp_path / 'cache2'}"),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert second.returncode == mount_helper.EXIT_USAGE
+    assert f"mountpoint {str(helper_mountpoint)!r} is already a mount point" in second.stderr
+
+
+@needs_fuse
+def test_helper_replaces_stale_mount(helper_mountpoint, tiny_store, tiny_source, tmp_path):
+    cache = tmp_path / "cache"
+    command = helper_command(tiny_store, helper_mountpoint, f"ro,cache_dir={cache}")
+    first = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    pgrep = subprocess.run(
+        ["pgrep", "-f", f"shardfs.*mount.*{helper_mountpoint}"], capture_output=True, text=True
+    )
+    (pid,) = [int(word) for word in pgrep.stdout.split()]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    second = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert daemon_count(cache) == 2
+    assert (helper_mountpoint / TINY_MODEL_FILE).read_bytes() == tiny_source.read_bytes()
+
+
+def proc_mounts_sources(path) -> list[str]:
+    with open("/proc/self/mounts") as mounts:
+        return [line.split()[0] for line in mounts if line.split()[1] == str(path)]
+
+
+@needs_fuse
+def test_fstab_mount_all_twice(helper_installed, helper_mountpoint, tiny_store, tmp_path):
+    cache = tmp_path / "cache"
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"{tiny_store} {helper_mountpoint} fuse.shardfs ro,cache_dir={cache} 0 0\n")
+    # A directory named shardfs, which mount(8) would take for a source
+    # given as a relative path.
+    (tmp_path / "shardfs").mkdir()
+    for attempt in range(2):
+        result = subprocess.run(
+            ["mount", "-T", str(fstab), "-a"],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        )
+        assert result.returncode == 0, f"attempt {attempt}: {result.stderr}"
+    assert proc_mounts_sources(helper_mountpoint) == [tiny_store]
+    assert daemon_count(cache) == 1
     unmount = subprocess.run(["umount", str(helper_mountpoint)], capture_output=True, text=True)
     assert unmount.returncode == 0, unmount.stderr
     assert wait_unmounted(helper_mountpoint)

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from shardfs import codec
-from shardfs.config import parse_size
+from shardfs.config import StoreConfig, format_count, parse_size
 from shardfs.errors import ChunkCorrupt, ManifestInvalid, UsageError
 from shardfs.layout import chunk_offsets, slices_for_range
 from shardfs.manifest import (
@@ -18,7 +18,10 @@ from shardfs.manifest import (
     parse_manifest,
     to_json,
 )
+from shardfs.mount.daemon import escape_fuse_option
+from shardfs.mount.mount_table import MAX_SOURCE_BYTES, mount_source
 from shardfs.publish.chunking import fixed_spans
+from shardfs.stores.placed import MemberConfig, PlacedStoreConfig
 
 MiB = 1024 * 1024
 
@@ -42,6 +45,52 @@ def test_parse_size_accepts(text, expected):
 def test_parse_size_rejects(text):
     with pytest.raises(UsageError, match="invalid size"):
         parse_size(text)
+
+
+@pytest.mark.parametrize(
+    "count, noun, plural, expected",
+    [(0, "model", None, "0 models"), (1, "model", None, "1 model"), (2, "file", None, "2 files"),
+     (1, "retry", "retries", "1 retry"), (3, "retry", "retries", "3 retries")],
+)
+def test_format_count(count, noun, plural, expected):
+    assert format_count(count, noun, plural) == expected
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("s3://bucket/prefix", "s3://bucket/prefix"),
+     ("/srv/a,b", "/srv/a\\,b"),
+     ("/srv/back\\slash", "/srv/back\\\\slash"),
+     ("/srv/caf\u00e9", "/srv/caf\\303\\251"),
+     ("/srv/tab\there", "/srv/tab\\011here")],
+    ids=["plain", "comma", "backslash", "non-ascii", "tab"],
+)
+def test_escape_fuse_option(value, expected):
+    assert escape_fuse_option(value) == expected
+
+
+def placed_store_config(urls: list[str]) -> PlacedStoreConfig:
+    return PlacedStoreConfig(tuple(MemberConfig(StoreConfig(url), weight=2.0) for url in urls))
+
+
+def test_mount_source_plain_store():
+    assert mount_source(StoreConfig("s3://bucket/prefix", "http://127.0.0.1:9000")) == (
+        "s3://bucket/prefix"
+    )
+
+
+def test_mount_source_placed_store():
+    source = mount_source(placed_store_config(["s3://a/p", "/srv/b"]))
+    assert source == "s3://a/p+/srv/b"
+
+
+def test_mount_source_long_placed_store():
+    urls = [f"/srv/{index:02d}" + "x" * 250 for index in range(20)]
+    source = mount_source(placed_store_config(urls))
+    assert len(source.encode()) <= MAX_SOURCE_BYTES
+    assert source.startswith(f"{urls[0]}+19-more-members-")
+    assert mount_source(placed_store_config(urls)) == source
+    assert mount_source(placed_store_config(urls[::-1])) != source
 
 
 @pytest.mark.parametrize(

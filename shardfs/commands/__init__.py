@@ -2,7 +2,8 @@
 
 from shardfs.config import StoreConfig, default_store_url
 from shardfs.errors import UsageError
-from shardfs.stores.placed import DEFAULT_REPLICAS, MEMBER_SYNTAX, parse_member, placed_config
+from shardfs.stores.members import SINGLE_STORE_REPLICAS, store_from_values
+from shardfs.stores.placed import DEFAULT_REPLICAS, MEMBER_SYNTAX
 
 STORE_HELP = "store URL: a directory, file:///path or s3://bucket/prefix"
 
@@ -49,7 +50,10 @@ def add_store_options(parser, positional: bool) -> None:
 
 
 def store_config(args):
-    """Return the `StoreConfig`, or `PlacedStoreConfig` for several ``--store`` values."""
+    """Return the `StoreConfig`, or `PlacedStoreConfig` for several ``--store`` values.
+
+    A single ``--store`` value is a plain store, as STORE is.
+    """
     max_connections = getattr(args, "max_connections", StoreConfig.max_connections)
     positional = getattr(args, "store", None)
     values = getattr(args, "stores", None) or []
@@ -64,17 +68,10 @@ def store_config(args):
         args.names = [positional, *args.names]
         positional = args.store = None
 
-    if len(values) > 1:
-        members = [parse_member(value, args.endpoint_url, max_connections) for value in values]
-        return placed_config(members, replicas, max_connections)
-    if replicas is not None and replicas != 1:
-        raise UsageError(
-            f"invalid --replicas {replicas}: a single store keeps one copy of "
-            "each chunk; repeat --store to keep more"
-        )
     if values:
-        member = parse_member(values[0], args.endpoint_url, max_connections)
-        return member.store
+        return store_from_values(values, replicas, args.endpoint_url, max_connections)
+    if replicas is not None and replicas != 1:
+        raise UsageError(f"invalid --replicas {replicas}: {SINGLE_STORE_REPLICAS}")
     if positional is None and hasattr(args, "store"):
         raise UsageError("missing store: give STORE, or --store once per member store")
     return StoreConfig(

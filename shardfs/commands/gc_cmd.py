@@ -1,7 +1,7 @@
 """``shardfs gc``: delete chunks that no manifest names, past a grace period."""
 
 from shardfs.commands import add_store_options, store_config
-from shardfs.config import format_size, parse_duration
+from shardfs.config import format_count, format_size, parse_duration
 from shardfs.publish.gc import collect_garbage
 from shardfs.stores import open_store
 
@@ -30,12 +30,19 @@ def run(args) -> int:
     store = open_store(store_config(args))
     report = collect_garbage(store, grace_s, args.dry_run)
     verb = "would delete" if report.dry_run else "deleted"
-    print(
-        f"{report.manifests} models and {report.retired_kept} retired manifests name "
-        f"{report.named_chunks} chunks; {report.orphans} unnamed chunks: {verb} "
-        f"{report.deleted} ({format_size(report.deleted_bytes)}), kept "
-        f"{report.kept_young} younger than {args.grace} "
-        f"({format_size(report.kept_young_bytes)}); {verb} "
-        f"{report.retired_deleted} expired retired manifests"
+    summary = (
+        f"{format_count(report.manifests, 'model')} and "
+        f"{format_count(report.retired_kept, 'retired manifest')} name "
+        f"{format_count(report.named_chunks, 'chunk')}; "
+        f"{format_count(report.orphans, 'unnamed chunk')}: {verb} {report.deleted} "
+        f"({format_size(report.deleted_bytes)})"
     )
+    # With a grace period of 0 no chunk is younger than it.
+    if grace_s > 0:
+        summary += (
+            f", kept {report.kept_young} younger than {args.grace} "
+            f"({format_size(report.kept_young_bytes)})"
+        )
+    summary += f"; {verb} {format_count(report.retired_deleted, 'expired retired manifest')}"
+    print(summary)
     return 0

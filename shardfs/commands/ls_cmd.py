@@ -3,7 +3,7 @@
 import sys
 
 from shardfs.commands import add_store_options, store_config
-from shardfs.config import format_size
+from shardfs.config import format_count, format_size
 from shardfs.errors import ManifestInvalid, ObjectNotFound, StoreError
 from shardfs.manifest import parse_manifest
 from shardfs.stores import PlacedStore, list_models, open_store
@@ -43,7 +43,7 @@ def run(args) -> int:
             continue
         stored = sum(entry.stored_size for entry in manifest.files)
         print(
-            f"{name}\t{len(manifest.files)} files\t{format_size(manifest.size)}"
+            f"{name}\t{format_count(len(manifest.files), 'file')}\t{format_size(manifest.size)}"
             f"\t{format_size(stored)} stored"
         )
     # Models stored only on a failed member are missing from the listing above.

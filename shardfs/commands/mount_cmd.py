@@ -21,6 +21,7 @@ from shardfs import config_file
 from shardfs.config import MiB, MountConfig, RetryConfig, StoreConfig, default_cache_dir
 from shardfs.config_file import SETTINGS, SettingValue
 from shardfs.errors import ShardfsError, UsageError
+from shardfs.mount.mount_table import SHARDFS_TYPE, mount_at
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,14 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     store = parser.add_argument_group("store")
     store.add_argument(
         "--store", dest="stores", action="append", metavar="URL",
-        help="a member of a store placed over several, "
-        "URL[,endpoint=http://HOST:PORT][,weight=N][,id=NAME]; repeat once per "
-        "member, in place of STORE",
+        help="the store, in place of STORE; repeat it once per member for a store "
+        "placed over several, each value "
+        "URL[,endpoint=http://HOST:PORT][,weight=N][,id=NAME]",
     )
     store.add_argument(
         "--replicas", dest="replicas", metavar="N",
-        help="copies of each chunk in a store given with --store (default: 2)",
+        help="copies of each chunk when --store is repeated; a single store keeps "
+        "one (default: 2)",
     )
     store.add_argument(
         "--endpoint-url", dest="endpoint_url", metavar="URL",
@@ -108,7 +110,8 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     cache.add_argument(
         "--cache-size", dest="cache_size", metavar="SIZE",
         help="SSD cache cap: bytes such as 50G, or a share of the cache directory's "
-        f"disk such as 20%% (default: {MountConfig.cache_share * 100:.0f}%%)",
+        "disk such as 20%%; 0 keeps no chunks on disk and deletes those cached "
+        f"before (default: {MountConfig.cache_share * 100:.0f}%%)",
     )
     cache.add_argument(
         "--memory-limit", dest="memory_limit", metavar="SIZE",
@@ -194,7 +197,7 @@ def mount(
     resolved = resolve_settings(config_path, overrides)
     if "log_level" in resolved:
         logging.getLogger().setLevel(resolved["log_level"])
-    store = config_file.store_config(resolved)
+    store = store_config(config_path, overrides, resolved)
     config = config_file.mount_config(resolved)
     if foreground:
         return _serve_foreground(store, config, ready_fd)
@@ -208,9 +211,10 @@ def resolve_settings(
 
     Raises `UsageError` for an invalid value or a missing store or mountpoint.
     """
-    resolved = config_file.resolve(config_file.read_config_file(config_path), overrides)
+    file_values = config_file.read_config_file(config_path)
+    resolved = config_file.resolve(file_values, overrides)
     if "stores" in resolved and "store" in resolved:
-        raise UsageError("give either STORE or --store members, not both")
+        raise UsageError(_store_given_twice(_config_path(config_path), overrides))
     for key, argument in (("store", "STORE"), ("mountpoint", "MOUNTPOINT")):
         if key == "store" and "stores" in resolved:
             continue
@@ -218,6 +222,32 @@ def resolve_settings(
             where = config_path or config_file.DEFAULT_CONFIG_PATH
             raise UsageError(f"missing {argument}: give it as an argument or set {key} in {where}")
     return resolved
+
+
+def _config_path(config_path: str | None) -> str:
+    """Return the config file's path as messages name it."""
+    return os.path.abspath(config_path) if config_path else config_file.DEFAULT_CONFIG_PATH
+
+
+def _store_given_twice(path: str, overrides: dict[str, SettingValue]) -> str:
+    """Return the message for a store given both as ``store`` and as ``stores``."""
+    if "store" not in overrides and "stores" not in overrides:
+        return f"config file {path} sets both store and stores; keep one of them"
+    single = f"STORE {overrides['store'].value!r}" if "store" in overrides else f"store in {path}"
+    members = "--store" if "stores" in overrides else f"stores in {path}"
+    return f"store given twice, as {single} and as {members}; give one of them"
+
+
+def store_config(
+    config_path: str | None, overrides: dict[str, SettingValue], resolved: dict[str, Any]
+):
+    """Return the store config of the resolved settings.
+
+    Its messages name the config file for each setting read from it.
+    """
+    path = _config_path(config_path)
+    from_file = {key: path for key in resolved if key not in overrides}
+    return config_file.store_config(resolved, from_file)
 
 
 def _serve_foreground(store: StoreConfig, config: MountConfig, ready_fd: int | None) -> int:
@@ -341,13 +371,30 @@ def _open_log_dir(cache_dir: str) -> str:
 
 def run_unmount(args) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
+    # The mount table, not os.path.ismount, because a mount whose daemon
+    # was killed fails every stat but can still be unmounted.
+    entry = mount_at(mountpoint)
+    if entry is None:
+        raise UsageError(f"{mountpoint!r} is not mounted")
+    if entry.fstype != SHARDFS_TYPE:
+        raise UsageError(f"{mountpoint!r} is a {entry.fstype} mount, not a shardfs mount")
     fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
     if fusermount is None:
         raise UsageError("fusermount3 not found; install the fuse3 package")
+    # fusermount3 prints strerror, which is only English text in the C locale.
+    environment = {**os.environ, "LC_ALL": "C"}
     result = subprocess.run(
-        [fusermount, "-u", mountpoint], capture_output=True, text=True, check=False
+        [fusermount, "-u", mountpoint], capture_output=True, text=True, check=False,
+        env=environment,
     )
-    if result.returncode != 0:
-        detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
-        raise UsageError(f"unmounting {mountpoint!r} failed: {detail}")
-    return 0
+    if result.returncode == 0:
+        return 0
+    detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+    if "Device or resource busy" in detail:
+        lazy = "umount -l" if os.geteuid() == 0 else "fusermount3 -u -z"
+        raise UsageError(
+            f"unmounting {mountpoint!r} failed: the mount is busy, because files on it "
+            f"are open or mapped; close them, or run '{lazy} {mountpoint}' to detach it "
+            "now and stop the daemon once they are closed"
+        )
+    raise UsageError(f"unmounting {mountpoint!r} failed: {detail}")

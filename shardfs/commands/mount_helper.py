@@ -10,6 +10,8 @@ Every ``shardfs mount`` flag is an option of the same name with ``_`` for
 ``-`` (``cache_size=50G``, ``allow_other``, ``no_prefetch``), and
 ``config=PATH`` names the config file. The helper starts the daemon in the
 background and returns once the mount responds, like ``shardfs mount``.
+When a responding mount of the same store is on the mountpoint already,
+it returns 0 and starts nothing, so ``mount -a`` can run again.
 Its exit status follows mount(8): 0 mounted, 1 invalid invocation or
 options, 8 interrupted, 32 the mount failed.
 """
@@ -21,6 +23,7 @@ from shardfs.commands import mount_cmd
 from shardfs.commands.entry_point import configure_logging, run_with_exit_status
 from shardfs.config_file import CONFIG_OPTION, SETTINGS, SettingValue
 from shardfs.errors import UsageError
+from shardfs.mount.mount_table import store_mounted_at
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +152,16 @@ def run(argv: list[str]) -> int:
     overrides["mountpoint"] = SettingValue(
         request.mountpoint, f"MOUNTPOINT {request.mountpoint!r}", from_text=True
     )
+    resolved = mount_cmd.resolve_settings(config_path, overrides)
+    store = mount_cmd.store_config(config_path, overrides, resolved)
     if request.fake:
         # mount -f: check everything, mount nothing.
-        mount_cmd.resolve_settings(config_path, overrides)
+        return 0
+    # mount -a runs the helper for every fstab line that it does not find
+    # mounted. A line that is mounted already, by this store at this
+    # mountpoint, succeeds without a second daemon.
+    if store_mounted_at(store, resolved["mountpoint"]):
+        log.info("store %s is already mounted at %s", request.store, resolved["mountpoint"])
         return 0
     return mount_cmd.mount(config_path, overrides, foreground=False)
 

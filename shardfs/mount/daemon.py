@@ -24,7 +24,7 @@ import subprocess
 import pyfuse3
 import trio
 
-from shardfs.config import MountConfig, StoreConfig
+from shardfs.config import MountConfig, StoreConfig, format_count
 from shardfs.errors import StoreError, StoreUnavailable, UsageError
 from shardfs.mount.chunk_source import ChunkSource
 from shardfs.mount.control import ControlServer
@@ -34,6 +34,12 @@ from shardfs.mount.kernel import tune_mount
 from shardfs.mount.listing import ListingState, ManifestCopy, apply_listing, fetch_manifests
 from shardfs.mount.malloc import fix_mmap_threshold
 from shardfs.mount.memory_cache import MemoryCache
+from shardfs.mount.mount_table import (
+    SHARDFS_TYPE,
+    enclosing_shardfs_mount,
+    mount_at,
+    mount_source,
+)
 from shardfs.mount.notify import Notifier
 from shardfs.mount.prefetch import Prefetcher
 from shardfs.mount.tree import Tree
@@ -58,7 +64,7 @@ def check_mountpoint(path: str) -> None:
         raise UsageError(f"mountpoint {path!r} is not a directory")
     if os.path.ismount(path):
         raise UsageError(f"mountpoint {path!r} is already a mount point")
-    inside = _enclosing_shardfs_mount(path)
+    inside = enclosing_shardfs_mount(path)
     if inside is not None:
         raise UsageError(f"mountpoint {path!r} is inside the shardfs mount {inside!r}")
     if os.listdir(path):
@@ -67,37 +73,9 @@ def check_mountpoint(path: str) -> None:
         )
 
 
-def _mounts():
-    """Yield (mount point, filesystem type) for each line of /proc/self/mounts."""
-    with open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) >= 3:
-                # Mount points with spaces are written with octal escapes.
-                yield fields[1].encode().decode("unicode_escape"), fields[2]
-
-
-def _enclosing_shardfs_mount(path: str) -> str | None:
-    """Return the shardfs mount that contains *path*, or None."""
-    target = os.path.abspath(path)
-    for mounted, kind in _mounts():
-        if kind == "fuse.shardfs" and target.startswith(mounted.rstrip("/") + "/"):
-            return mounted
-    return None
-
-
-def _mount_type(path: str) -> str | None:
-    """Return the filesystem type mounted at *path*; the last mount on it wins."""
-    target = os.path.abspath(path)
-    found = None
-    for mounted, kind in _mounts():
-        if mounted == target:
-            found = kind
-    return found
-
-
 def _is_stale_shardfs_mount(path: str) -> bool:
-    if _mount_type(path) != "fuse.shardfs":
+    entry = mount_at(path)
+    if entry is None or entry.fstype != SHARDFS_TYPE:
         return False
     try:
         os.statvfs(path)
@@ -132,8 +110,8 @@ def load_listing(store: Store, copy: ManifestCopy) -> tuple[dict[str, bytes], se
             raise
         manifests = copy.load()
         log.warning(
-            "store is unreachable, serving %d models from the last listing: %s",
-            len(manifests),
+            "store is unreachable, serving %s from the last listing: %s",
+            format_count(len(manifests), "model"),
             exc,
         )
         return manifests, set()
@@ -141,9 +119,32 @@ def load_listing(store: Store, copy: ManifestCopy) -> tuple[dict[str, bytes], se
     return manifests, unavailable
 
 
-def mount_options(config: MountConfig) -> set[str]:
+def escape_fuse_option(value: str) -> str:
+    """Escape *value* for a libfuse ``-o`` option string.
+
+    libfuse splits options at commas and reads a backslash followed by a
+    character as that character, or by three octal digits as that byte.
+    pyfuse3 passes options as ASCII, so every byte outside printable ASCII
+    is written in octal.
+    """
+    escaped = []
+    for byte in os.fsencode(value):
+        character = chr(byte)
+        if character in ",\\":
+            escaped.append("\\" + character)
+        elif 0x20 <= byte < 0x7F:
+            escaped.append(character)
+        else:
+            escaped.append(f"\\{byte:03o}")
+    return "".join(escaped)
+
+
+def mount_options(config: MountConfig, source: str) -> set[str]:
+    """Return the FUSE mount options. *source* is what /proc/mounts shows as the mount's source."""
     options = set(pyfuse3.default_options)
-    options |= {"ro", "nosuid", "nodev", "fsname=shardfs", "subtype=shardfs"}
+    options |= {"ro", "nosuid", "nodev", "subtype=shardfs"}
+    # The type stays fuse.shardfs through subtype; fsname sets the source.
+    options.add(f"fsname={escape_fuse_option(source)}")
     if config.allow_other:
         options.add("allow_other")
     return options
@@ -199,10 +200,10 @@ def serve(store_config: StoreConfig, config: MountConfig, on_ready=None) -> None
     apply_listing(tree, listing, manifests)
     tree.unavailable = unavailable
     log.info(
-        "store %s: %d models, %d files, %d bytes",
+        "store %s: %s, %s, %d bytes",
         store.url,
-        len(listing.digests),
-        tree.count_files(),
+        format_count(len(listing.digests), "model"),
+        format_count(tree.count_files(), "file"),
         tree.total_size(),
     )
     chunks = ChunkSource(
@@ -226,13 +227,15 @@ def serve(store_config: StoreConfig, config: MountConfig, on_ready=None) -> None
     # Bound before mounting, so an unusable address fails the mount at once.
     control.bind_metrics(config.metrics_address)
     try:
-        pyfuse3.init(operations, config.mountpoint, mount_options(config))
+        options = mount_options(config, mount_source(store_config))
+        pyfuse3.init(operations, config.mountpoint, options)
     except RuntimeError as exc:
         raise UsageError(f"mounting {config.mountpoint!r} failed: {exc}") from None
 
     log.info("mounted %s at %s", store.url, config.mountpoint)
     stats_path = os.path.join(config.cache_dir, "stats.json")
-    status = f"serving {len(listing.digests)} models of {store.url} at {config.mountpoint}"
+    models = format_count(len(listing.digests), "model")
+    status = f"serving {models} of {store.url} at {config.mountpoint}"
     readiness = Readiness(on_ready, notifier, status)
     try:
         refresher = Refresher(store, copy, tree, listing, config.refresh_interval_s)

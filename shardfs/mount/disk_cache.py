@@ -26,6 +26,7 @@ import tempfile
 import threading
 
 from shardfs import codec
+from shardfs.config import format_count
 from shardfs.errors import ChunkCorrupt, UsageError
 
 log = logging.getLogger(__name__)
@@ -72,16 +73,16 @@ class DiskCache:
             evicted = self._evict_until(self.limit_bytes)
         if evicted:
             log.warning(
-                "disk cache %s is over its cap of %d bytes: removed %d chunks",
+                "disk cache %s is over its cap of %d bytes: removed %s",
                 self.directory,
                 self.limit_bytes,
-                len(evicted),
+                format_count(len(evicted), "chunk"),
             )
         self._unlink_all(evicted)
         log.info(
-            "disk cache %s: %d chunks, %d of %d bytes",
+            "disk cache %s: %s, %d of %d bytes",
             self.directory,
-            len(self._index),
+            format_count(len(self._index), "chunk"),
             self.size_bytes,
             self.limit_bytes,
         )

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 
+from shardfs.config import format_count
 from shardfs.errors import ManifestInvalid, ObjectNotFound, StoreError, StoreUnavailable
 from shardfs.manifest import Manifest, parse_manifest
 from shardfs.mount.tree import Tree
@@ -153,7 +154,8 @@ def apply_listing(tree: Tree, state: ListingState, raw: dict[str, bytes]) -> lis
             continue
         state.digests[name] = digests[name]
         state.raw[name] = raw[name]
-        log.info("model %s %s: %d files", name, "replaced" if replaced else "added", len(manifest.files))
+        files = format_count(len(manifest.files), "file")
+        log.info("model %s %s: %s", name, "replaced" if replaced else "added", files)
     return stale
 
 
