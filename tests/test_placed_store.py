@@ -928,7 +928,7 @@ def test_ls_reports_unlisted_member(tmp_path, moto_endpoint):
 
     listed = run_shardfs("ls", *store_arguments(values))
     assert listed.returncode == 1, listed.stdout + listed.stderr
-    assert listed.stdout.startswith("org/m\t1 files")
+    assert listed.stdout.startswith("org/m\t1 file\t")
     errors = [line for line in listed.stderr.splitlines() if line.startswith("shardfs: error:")]
     assert len(errors) == 1, listed.stderr
     assert "store member s3://missing-" in errors[0]
