@@ -34,6 +34,7 @@ import safetensors.torch
 import torch
 
 from conftest import mounted, needs_fuse, run_shardfs
+from fault_harness import file_sha256, read_source
 from s3proxy import counting_proxy  # noqa: F401 (a fixture)
 from shardfs.manifest import FileEntry, parse_manifest
 
@@ -259,17 +260,6 @@ def daemon_stats(mount) -> dict:
     wait_until(lambda: _file_identity(path) not in (None, before), 10, "stats.json is written")
     with open(path) as file:
         return json.load(file)
-
-
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
-def read_source(path: str, offset: int, length: int) -> bytes:
-    with open(path, "rb") as file:
-        file.seek(offset)
-        return file.read(length)
 
 
 def read_in_order(path: str, block_size: int = MIB) -> str:
