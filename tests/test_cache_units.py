@@ -1,9 +1,13 @@
 """Component tests of the memory cache, disk cache, priority queue,
 read-ahead decisions, warm-up and format parsers, without a mount."""
 
+import errno
 import io
 import json
+import logging
 import os
+import threading
+import time
 import types
 import zipfile
 
@@ -93,6 +97,84 @@ def test_disk_cache_keeps_cap(tmp_path):
     on_disk = sum(path.stat().st_size for path in files if path.is_file())
     assert cache.size_bytes <= 3500
     assert on_disk <= 3500
+
+
+class _HeldWrites:
+    """Stands in for DiskCache._write_file: each write waits for *release*,
+    then succeeds or raises *error*."""
+
+    def __init__(self, cache: DiskCache, error: OSError | None = None):
+        self.started = threading.Semaphore(0)
+        self.release = threading.Event()
+        self._write_file = cache._write_file
+        self._error = error
+        cache._write_file = self
+
+    def __call__(self, key: str, data: bytes) -> None:
+        self.started.release()
+        self.release.wait(timeout=10)
+        if self._error is not None:
+            raise self._error
+        self._write_file(key, data)
+
+
+def _write_in_threads(cache: DiskCache, chunks, held: _HeldWrites, expected_writes: int):
+    threads = [threading.Thread(target=cache.write, args=chunk) for chunk in chunks]
+    for thread in threads:
+        thread.start()
+    for _ in range(expected_writes):
+        assert held.started.acquire(timeout=10)
+    return threads
+
+
+def test_disk_cache_concurrent_writes_keep_cap(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), 2000)
+    cache.open()
+    held = _HeldWrites(cache)
+    chunks = [_chunk(seed) for seed in range(4)]
+    # Two writes fill the cap while in progress; the other two must not
+    # reserve space on top of them.
+    threads = _write_in_threads(cache, chunks, held, expected_writes=2)
+    for thread in threads[2:]:
+        thread.join(timeout=10)
+    assert cache.size_bytes <= 2000
+    held.release.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    files = [path for path in (tmp_path / "cache" / "chunks").rglob("*") if path.is_file()]
+    assert cache.size_bytes == sum(path.stat().st_size for path in files) == 2000
+
+
+class _SlowHandler(logging.Handler):
+    """Keeps each warning in flight long enough for other threads to fail too."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        time.sleep(0.05)
+        self.messages.append(record.getMessage())
+
+
+def test_disk_cache_concurrent_failures_warn_once(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), 10_000)
+    cache.open()
+    held = _HeldWrites(cache, OSError(errno.ENOSPC, "No space left on device"))
+    handler = _SlowHandler()
+    logger = logging.getLogger("shardfs.mount.disk_cache")
+    logger.addHandler(handler)
+    try:
+        threads = _write_in_threads(cache, [_chunk(seed) for seed in range(4)], held, 4)
+        held.release.set()
+        for thread in threads:
+            thread.join(timeout=10)
+    finally:
+        logger.removeHandler(handler)
+    warnings = [message for message in handler.messages if "disk cache write failed" in message]
+    assert len(warnings) == 1
+    assert cache.size_bytes == 0
+    assert not cache.can_hold(1000)
 
 
 def test_disk_cache_evicts_least_recent(tmp_path):

@@ -191,20 +191,29 @@ class DiskCache:
         with self._lock:
             if key in self._index or key in self._writing:
                 return
+            if self._write_failed:
+                return
             evicted = self._evict_until(self.limit_bytes - len(data))
-            # Reserve the space now, so concurrent writers cannot pass the cap.
-            self.size_bytes += len(data)
-            self._writing.add(key)
+            # Writes still in progress hold space that cannot be evicted. When
+            # they leave no room, this chunk is not cached.
+            fits = self.size_bytes + len(data) <= self.limit_bytes
+            if fits:
+                # Reserve the space now, so concurrent writers cannot pass the cap.
+                self.size_bytes += len(data)
+                self._writing.add(key)
         self._unlink_all(evicted)
+        if not fits:
+            return
         try:
             self._write_file(key, data)
         except OSError as exc:
             with self._lock:
                 self.size_bytes -= len(data)
                 self._writing.discard(key)
-            if not self._write_failed:
+                first_failure = not self._write_failed
+                self._write_failed = True
+            if first_failure:
                 log.warning("disk cache write failed, serving from memory: %s", exc)
-            self._write_failed = True
             return
         with self._lock:
             self._writing.discard(key)
