@@ -246,14 +246,15 @@ class CountingStore(LocalStore):
 
 
 def measure_dedup(directory: str, tensors: dict, chunk_size: int) -> list[dict]:
-    """Push three new versions of a model; return the uploads of each."""
+    """Push new versions of a model, as safetensors and as a torch.save
+    checkpoint; return the uploads of each."""
     store = CountingStore(os.path.join(directory, "store"))
-    path = os.path.join(directory, "dedup.safetensors")
     config = PushConfig(chunk_size=chunk_size)
 
-    def push_version(case: str) -> dict:
+    def push_version(path: str, case: str) -> dict:
         store.reset()
-        manifest = push(store, path, "bench/dedup", config, progress_stream=io.StringIO())
+        name = "bench/dedup-" + os.path.splitext(path)[1][1:]
+        manifest = push(store, path, name, config, progress_stream=io.StringIO())
         chunks = manifest.files[0].chunks
         return {
             "case": case,
@@ -263,15 +264,27 @@ def measure_dedup(directory: str, tensors: dict, chunk_size: int) -> list[dict]:
             "stored_bytes": sum(chunk.stored_length for chunk in chunks),
         }
 
-    save_file(tensors, path)
-    push_version("first push")
-    results = [push_version("unchanged")]
     changed = dict(tensors)
     changed["layers.3.mlp.up_proj.weight"] = changed["layers.3.mlp.up_proj.weight"] * 2
+    one_tensor = "one tensor changed (layers.3.mlp.up_proj, 4.5 MiB)"
+
+    path = os.path.join(directory, "dedup.safetensors")
+    save_file(tensors, path)
+    push_version(path, "first push")
+    results = [push_version(path, "unchanged")]
     save_file(changed, path)
-    results.append(push_version("one tensor changed (layers.3.mlp.up_proj, 4.5 MiB)"))
+    results.append(push_version(path, one_tensor))
     save_file(changed, path, metadata={"format": "pt", "note": "fine-tuned " * 100})
-    results.append(push_version("header grew (new __metadata__)"))
+    results.append(push_version(path, "header grew (new __metadata__)"))
+
+    path = os.path.join(directory, "dedup.pt")
+    torch.save(tensors, path)
+    push_version(path, "first push")
+    results.append(push_version(path, "torch.save: unchanged"))
+    torch.save(changed, path)
+    results.append(push_version(path, "torch.save: " + one_tensor))
+    torch.save({**changed, "note": "fine-tuned " * 100}, path)
+    results.append(push_version(path, "torch.save: data.pkl grew (new entry)"))
     return results
 
 
@@ -357,10 +370,10 @@ def print_table(results: dict) -> None:
             )
         print(f"{'':<16} encodings chosen: {entry['shardfs']['encodings']}")
     print()
-    print(f"{'dedup case':<52} {'uploaded':>12} {'of chunks':>10} {'bytes':>12}")
+    print(f"{'dedup case':<64} {'uploaded':>12} {'of chunks':>10} {'bytes':>12}")
     for case in results["dedup"]:
         print(
-            f"{case['case']:<52} {case['uploaded_chunks']:>12} {case['chunks']:>10} "
+            f"{case['case']:<64} {case['uploaded_chunks']:>12} {case['chunks']:>10} "
             f"{case['uploaded_bytes']:>12}"
         )
 

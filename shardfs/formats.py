@@ -161,10 +161,19 @@ def _is_offset_pair(value) -> bool:
 def zip_spans(tail: bytes, tail_offset: int, file_size: int) -> list[tuple[int, int]] | None:
     """Return the record spans of a zip file (a ``torch.save`` checkpoint).
 
-    *tail* holds the file's bytes from *tail_offset* to its end; it must
-    contain the central directory. Each span runs from one record's local
-    header to the next; the central directory is the last span.
+    *tail* contains the file's bytes from *tail_offset* to its end, and it
+    must contain the central directory. Each span runs from one record's
+    local header to the next, and the central directory is the last span.
     """
+    records = _zip_records(tail, tail_offset, file_size)
+    if records is None:
+        return None
+    return [(start, end) for start, end, _ in records]
+
+
+def _zip_records(tail: bytes, tail_offset: int, file_size: int):
+    """Return ``(start, end, name)`` of each record in file order, then of
+    the central directory (named None), or None if *tail* is not a zip tail."""
     directory = _zip_directory(tail, tail_offset)
     if directory is None:
         return None
@@ -173,13 +182,22 @@ def zip_spans(tail: bytes, tail_offset: int, file_size: int) -> list[tuple[int, 
     start = cd_offset - tail_offset
     if start < 0 or start + cd_size > len(tail):
         return None
-    offsets = _local_header_offsets(tail[start : start + cd_size], entries)
-    if offsets is None or any(offset >= cd_offset for offset in offsets):
+    headers = _local_headers(tail[start : start + cd_size], entries)
+    if headers is None or any(offset >= cd_offset for offset in headers):
         return None
-    bounds = sorted(set(offsets)) + [cd_offset]
-    spans = [(bounds[index], bounds[index + 1]) for index in range(len(bounds) - 1)]
-    spans.append((cd_offset, file_size))
-    return spans
+    bounds = sorted(headers) + [cd_offset]
+    records = [
+        (bounds[index], bounds[index + 1], headers[bounds[index]])
+        for index in range(len(bounds) - 1)
+    ]
+    records.append((cd_offset, file_size, None))
+    return records
+
+
+def _is_torch_storage(name: str) -> bool:
+    """Return whether a ``torch.save`` record contains tensor data (``<archive>/data/<key>``)."""
+    parts = name.split("/")
+    return len(parts) == 3 and parts[1] == "data"
 
 
 def zip_layout(tail: bytes, tail_offset: int, file_size: int) -> Layout | None:
@@ -188,13 +206,31 @@ def zip_layout(tail: bytes, tail_offset: int, file_size: int) -> Layout | None:
     *tail* is as for `zip_spans`. Element sizes are unknown, and element
     boundaries are taken at absolute multiples of the element size, as
     ``torch.save`` aligns each record's data to 64 bytes.
+
+    In a ``torch.save`` checkpoint (one with a ``data.pkl`` record), each
+    run of records other than tensor data (the pickle, the version and
+    byte-order records) is one standalone region, as is the directory with
+    the records just before it. A pickle that changes size then moves the
+    tensor records without changing their chunks.
     """
-    spans = zip_spans(tail, tail_offset, file_size)
-    if spans is None:
+    records = _zip_records(tail, tail_offset, file_size)
+    if records is None:
         return None
-    regions = [Region(start, end) for start, end in spans[:-1] if end > start]
-    directory_start, _ = spans[-1]
-    regions.append(Region(directory_start, file_size, element_size=1, standalone=True))
+    names = [name for _, _, name in records[:-1]]
+    is_torch = any(name.rsplit("/", 1)[-1] == "data.pkl" for name in names)
+
+    regions: list[Region] = []
+    for start, end, name in records:
+        if end <= start:
+            continue
+        if name is not None and (not is_torch or _is_torch_storage(name)):
+            regions.append(Region(start, end))
+            continue
+        # Metadata records and the directory are not element data.
+        if regions and regions[-1].standalone and regions[-1].end == start:
+            regions[-1] = dataclasses.replace(regions[-1], end=end)
+        else:
+            regions.append(Region(start, end, element_size=1, standalone=True))
     return Layout("zip", tuple(regions))
 
 
@@ -238,8 +274,9 @@ def _zip64_directory(tail: bytes, tail_offset: int, eocd: int):
     return entries, cd_size, cd_offset
 
 
-def _local_header_offsets(directory: bytes, entries: int) -> list[int] | None:
-    offsets = []
+def _local_headers(directory: bytes, entries: int) -> dict[int, str] | None:
+    """Return the record names of a central directory by local header offset."""
+    headers = {}
     position = 0
     for _ in range(entries):
         if directory[position : position + 4] != _CENTRAL_ENTRY or position + 46 > len(directory):
@@ -253,9 +290,10 @@ def _local_header_offsets(directory: bytes, entries: int) -> list[int] | None:
             offset = _zip64_offset(extra, compressed, uncompressed)
             if offset is None:
                 return None
-        offsets.append(offset)
+        name = directory[position + 46 : extra_start].decode("utf-8", "replace")
+        headers[offset] = name
         position = extra_start + extra_len + comment_len
-    return offsets
+    return headers
 
 
 def _zip64_offset(extra: bytes, compressed: int, uncompressed: int) -> int | None:

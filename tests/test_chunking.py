@@ -11,6 +11,7 @@ import os
 import struct
 import zipfile
 
+import numpy
 import pytest
 import safetensors.torch
 import torch
@@ -240,13 +241,44 @@ def test_torch_zip_chunks_on_records(tmp_path):
     chunks = plan_file(path)
     assert_tiles(chunks, os.path.getsize(path), CHUNK)
     assert layout_of(path).format == "zip"
-    assert (chunks[-1].start, chunks[-1].end) == (directory, os.path.getsize(path))
     for chunk in chunks:
         record = max(bound for bound in bounds if bound <= chunk.start)
         assert (chunk.start - record) % CHUNK == 0
     with zipfile.ZipFile(path) as archive:
         big = archive.getinfo("archive/data/0")
     assert big.header_offset in {chunk.start for chunk in chunks}
+
+
+def test_torch_zip_metadata_chunked_apart(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(torch_checkpoint(checkpoint_tensors()))
+    with zipfile.ZipFile(path) as archive:
+        records = sorted(archive.infolist(), key=lambda info: info.header_offset)
+    storage = [info for info in records if info.filename.startswith("archive/data/")]
+    first_storage, last_storage = storage[0], storage[-1]
+    after_storage = records[records.index(last_storage) + 1]
+    chunks = plan_file(path)
+
+    # The pickle and the records beside it, up to the first tensor record.
+    assert records[0].filename == "archive/data.pkl"
+    assert (chunks[0].start, chunks[0].end) == (0, first_storage.header_offset)
+    # The records after the last tensor record, with the directory.
+    assert (chunks[-1].start, chunks[-1].end) == (after_storage.header_offset, os.path.getsize(path))
+    assert chunks[-1].element_size == 1
+    for chunk in chunks[1:-1]:
+        assert first_storage.header_offset <= chunk.start
+        assert chunk.end <= after_storage.header_offset
+
+
+def test_plain_zip_records_not_standalone(tmp_path):
+    path = tmp_path / "arrays.npz"
+    numpy.savez(path, first=numpy.arange(20_000.0), second=numpy.arange(30_000.0))
+    offsets, directory = zip_records(path.read_bytes())
+    chunks = plan_file(path)
+    assert layout_of(path).format == "zip"
+    assert_tiles(chunks, os.path.getsize(path), CHUNK)
+    assert offsets[1] in {chunk.start for chunk in chunks}
+    assert (chunks[-1].start, chunks[-1].end) == (directory, os.path.getsize(path))
 
 
 def test_torch_zip_one_tensor_changed(tmp_path):

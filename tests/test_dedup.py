@@ -116,6 +116,26 @@ def test_header_growth_uploads_header_chunk(tmp_path):
     assert [chunk.key for chunk in after.files[0].chunks[1:]] == before_keys
 
 
+def test_torch_pickle_growth_uploads_metadata_chunks(tmp_path):
+    store = CountingStore(str(tmp_path / "store"))
+    path = tmp_path / "model.pt"
+    tensors = model_tensors()
+    torch.save(tensors, path)
+    before = push_version(store, path)
+    store.count_puts()
+
+    # A training script adds a non-tensor entry: data.pkl grows and every
+    # tensor record moves, but only the pickle's and the directory's chunks change.
+    torch.save({**tensors, "training_note": "resumed at step 12000 " * 20}, path)
+    after = push_version(store, path)
+    uploaded = store.count_puts()
+    after_chunks = after.files[0].chunks
+    assert sorted(uploaded) == sorted([after_chunks[0].key, after_chunks[-1].key])
+    assert after_chunks[1].offset > before.files[0].chunks[1].offset
+    before_keys = [chunk.key for chunk in before.files[0].chunks[1:-1]]
+    assert [chunk.key for chunk in after_chunks[1:-1]] == before_keys
+
+
 def test_repeated_chunk_uploaded_once(tmp_path):
     store = CountingStore(str(tmp_path / "store"))
     path = tmp_path / "model.safetensors"
