@@ -6,16 +6,21 @@ summary line reports the same counts to the user.
 
 import io
 import json
+import os
 import re
 import struct
+import time
 
 import safetensors.torch
 import torch
 
 from conftest import run_shardfs
 from shardfs.config import PushConfig
+from shardfs.publish import push as push_module
+from shardfs.publish.gc import collect_garbage
 from shardfs.publish.push import push
-from shardfs.stores.base import CHUNKS_PREFIX
+from shardfs.publish.verify import verify_models
+from shardfs.stores.base import CHUNKS_PREFIX, manifest_object_key
 from shardfs.stores.local import LocalStore
 
 CHUNK = 64 * 1024
@@ -189,3 +194,83 @@ def test_chunk_deleted_during_push_uploaded_again(tmp_path):
     assert sorted(store.count_puts()) == sorted(chunk.key for chunk in first.files[0].chunks)
     for chunk in first.files[0].chunks:
         assert store.stat(f"chunks/{chunk.key[:2]}/{chunk.key}") is not None
+
+
+class TouchCountingStore(CountingStore):
+    def __init__(self, root: str):
+        super().__init__(root)
+        self.touches = 0
+
+    def touch(self, key: str) -> None:
+        self.touches += 1
+        super().touch(key)
+
+
+def test_short_push_renews_each_chunk_once(tmp_path):
+    store = TouchCountingStore(str(tmp_path / "store"))
+    path = tmp_path / "model.safetensors"
+    save(path, model_tensors())
+    first = push_version(store, path)
+    assert store.touches == 0
+
+    push_version(store, path)
+    assert store.touches == len(first.files[0].chunks)
+
+
+def push_long(store, tmp_path, monkeypatch) -> set[str]:
+    """Push a model as if it ran for hours; return the keys of its chunks."""
+    # Every chunk then counts as confirmed too long ago.
+    monkeypatch.setattr(push_module, "RENEW_AGAIN_AFTER_S", -1.0)
+    path = tmp_path / "model.safetensors"
+    save(path, model_tensors())
+    manifest = push_version(store, path)
+    return {chunk.key for chunk in manifest.files[0].chunks}
+
+
+def test_long_push_renews_chunks_before_gc(tmp_path, monkeypatch):
+    class AgingStore(TouchCountingStore):
+        # Each chunk is two hours old when the push is ready to write its
+        # manifest, and gc with a one-hour grace runs at that moment.
+        def __init__(self, root: str):
+            super().__init__(root)
+            self.collected = None
+
+        def put(self, key: str, data: bytes) -> None:
+            super().put(key, data)
+            if key.startswith(CHUNKS_PREFIX):
+                two_hours_ago = time.time() - 2 * 3600
+                os.utime(self._path(key), (two_hours_ago, two_hours_ago))
+
+        def get(self, key: str) -> bytes:
+            if key == manifest_object_key("org/model") and self.collected is None:
+                self.collected = collect_garbage(self, grace_s=3600)
+            return super().get(key)
+
+    store = AgingStore(str(tmp_path / "store"))
+    keys = push_long(store, tmp_path, monkeypatch)
+
+    assert store.collected.deleted == 0
+    assert store.collected.kept_young == len(keys)
+    assert store.touches == len(keys)
+    report = verify_models(store)
+    assert report.models == 1
+    assert report.problems == []
+
+
+def test_long_push_uploads_chunks_gc_deleted(tmp_path, monkeypatch):
+    class CollectedStore(CountingStore):
+        # gc deletes each chunk right after its first upload.
+        def put(self, key: str, data: bytes) -> None:
+            again = key.rsplit("/", 1)[1] in self.chunk_puts
+            super().put(key, data)
+            if key.startswith(CHUNKS_PREFIX) and not again:
+                self.delete(key)
+
+    store = CollectedStore(str(tmp_path / "store"))
+    keys = push_long(store, tmp_path, monkeypatch)
+
+    # Each chunk is uploaded, deleted, and uploaded again.
+    assert sorted(store.count_puts()) == sorted(list(keys) * 2)
+    report = verify_models(store)
+    assert report.models == 1
+    assert report.problems == []

@@ -5,10 +5,9 @@ manifest (`shardfs.publish.retire`) younger than the grace period does.
 It is also kept while it is itself younger than the grace period, because
 a push uploads its chunks, and renews the age of those it finds, before it
 writes its manifest. Each doomed chunk's age is read again right before it
-is deleted, so a push that reused it in the meantime keeps it.
-
-NOTE: a push that runs longer than the grace period can still lose a chunk
-it found early in the run; pick a grace period longer than any push.
+is deleted, so a push that reused it in the meantime keeps it. A long push
+renews its chunks again (`shardfs.publish.push.RENEW_AGAIN_AFTER_S`) before
+it writes its manifest, so any grace period longer than that is safe.
 """
 
 import concurrent.futures

@@ -16,7 +16,7 @@ import threading
 import time
 
 from shardfs import codec, formats
-from shardfs.config import PushConfig
+from shardfs.config import PushConfig, format_count
 from shardfs.errors import ChunkCorrupt, ChunkEncodingUnknown, ObjectNotFound, UsageError
 from shardfs.manifest import (
     ChunkRef,
@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 
 # Directories that tools keep beside a model but that are not part of it.
 SKIPPED_DIRS = {".git", ".cache", "__pycache__"}
+
+# Before writing its manifest, a push renews again each chunk that it
+# uploaded or renewed longer ago than this. gc with a longer grace period
+# then keeps the chunks of a push in progress, however long it runs.
+RENEW_AGAIN_AFTER_S = 600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,12 +127,18 @@ class _ChunkUploader:
     A chunk found in the store has its modification time renewed, so that
     `shardfs gc`, which deletes only unnamed chunks older than its grace
     period, does not delete it before the manifest that names it is written.
+    `renew_old` renews again the chunks confirmed long ago, for long pushes.
     """
 
-    def __init__(self, store: Store, config: PushConfig, progress: PushProgress):
+    def __init__(
+        self, store: Store, config: PushConfig, progress: PushProgress, clock=time.monotonic
+    ):
         self._store = store
         self._config = config
         self._progress = progress
+        self._clock = clock
+        # When each chunk was last uploaded or renewed, and where its bytes are.
+        self._confirmed: dict[str, tuple[float, str, PlannedChunk]] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(config.workers)
         # Bounds the chunks held in memory: read, queued or being uploaded.
         self._slots = threading.BoundedSemaphore(config.workers * 2)
@@ -136,15 +147,18 @@ class _ChunkUploader:
         # for it instead of being encoded and uploaded again.
         self._first: dict[str, concurrent.futures.Future] = {}
 
-    def submit(self, plan: PlannedChunk, data: bytes) -> concurrent.futures.Future:
-        """Start storing the chunk *data* cut at *plan*; the future returns its `ChunkRef`."""
+    def submit(self, source: str, plan: PlannedChunk, data: bytes) -> concurrent.futures.Future:
+        """Start storing the chunk *data* cut at *plan* from the file *source*.
+
+        The future returns the chunk's `ChunkRef`.
+        """
         key = codec.chunk_key(data)
         first = self._first.get(key)
         if first is not None:
             return self._repeat(first, plan)
         self._slots.acquire()
         try:
-            future = self._pool.submit(self._store_chunk, plan, key, data)
+            future = self._pool.submit(self._store_chunk, source, plan, key, data)
         except BaseException:
             self._slots.release()
             raise
@@ -173,23 +187,60 @@ class _ChunkUploader:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _store_chunk(self, plan: PlannedChunk, key: str, data: bytes) -> ChunkRef:
+    def _store_chunk(self, source: str, plan: PlannedChunk, key: str, data: bytes) -> ChunkRef:
         object_key = chunk_object_key(key)
         existing = self._existing_header(key, object_key)
         if existing is not None and not self._renew(object_key):
             existing = None
         if existing is None:
-            encoded = codec.encode(
-                data, self._config.zstd_level, plan.element_size, plan.element_offset
-            )
-            self._store.put(object_key, encoded.data)
+            encoded = self._upload(object_key, plan, data)
             codec_name, transform = encoded.codec, encoded.transform
             stored_length, uploaded = len(encoded.data), True
         else:
             (codec_name, transform, stored_length), uploaded = existing, False
         with self._lock:
+            self._confirmed[key] = (self._clock(), source, plan)
             self._progress.add_chunk(len(data), stored_length, uploaded)
         return ChunkRef(plan.start, len(data), key, stored_length, codec_name, transform)
+
+    def _upload(self, object_key: str, plan: PlannedChunk, data: bytes) -> codec.EncodedChunk:
+        encoded = codec.encode(
+            data, self._config.zstd_level, plan.element_size, plan.element_offset
+        )
+        self._store.put(object_key, encoded.data)
+        return encoded
+
+    def renew_old(self) -> int:
+        """Renew every chunk confirmed more than `RENEW_AGAIN_AFTER_S` ago.
+
+        A chunk deleted since is uploaded again from its source file. Returns
+        the number of chunks renewed.
+        """
+        cutoff = self._clock() - RENEW_AGAIN_AFTER_S
+        with self._lock:
+            old = [
+                (key, source, plan)
+                for key, (confirmed_at, source, plan) in self._confirmed.items()
+                if confirmed_at < cutoff
+            ]
+        futures = [self._pool.submit(self._renew_again, *item) for item in old]
+        for future in futures:
+            future.result()
+        return len(old)
+
+    def _renew_again(self, key: str, source: str, plan: PlannedChunk) -> None:
+        object_key = chunk_object_key(key)
+        if not self._renew(object_key):
+            try:
+                with open(source, "rb") as file:
+                    data = os.pread(file.fileno(), plan.end - plan.start, plan.start)
+            except OSError as exc:
+                raise UsageError(f"cannot read {source!r}: {exc.strerror}") from None
+            if codec.chunk_key(data) != key:
+                raise UsageError(f"source file {source!r} changed while pushing")
+            self._upload(object_key, plan, data)
+        with self._lock:
+            self._confirmed[key] = (self._clock(), source, plan)
 
     def _renew(self, object_key: str) -> bool:
         """Renew the age of a chunk found in the store; False if it is gone since."""
@@ -232,8 +283,11 @@ def push(
     uploader = _ChunkUploader(store, config, progress)
     try:
         entries = tuple(_push_file(uploader, item, config) for item in sources)
+        renewed = uploader.renew_old()
     finally:
         uploader.close()
+    if renewed:
+        log.info("renewed %s again before writing the manifest", format_count(renewed, "chunk"))
 
     manifest = Manifest(name, time.time_ns(), config.chunk_size, entries)
     # The replaced manifest is kept for gc's grace period, so that readers
@@ -255,7 +309,7 @@ def _push_file(uploader: _ChunkUploader, item: SourceFile, config: PushConfig) -
                 if len(data) != plan.end - plan.start:
                     raise UsageError(f"source file {item.abspath!r} changed while pushing")
                 digest.update(data)
-                futures.append(uploader.submit(plan, data))
+                futures.append(uploader.submit(item.abspath, plan, data))
             if file.read(1):
                 raise UsageError(f"source file {item.abspath!r} changed while pushing")
     except OSError as exc:
