@@ -1,7 +1,8 @@
 """The ``shardfs`` command: parse arguments, dispatch, print one-line errors.
 
 Exit status: 0 on success, 1 when a store request or a read failed, 2 for
-invalid arguments or local preconditions, 130 when interrupted.
+invalid arguments or local preconditions, 130 when interrupted, and 143
+when a command that writes to a store gets SIGTERM.
 """
 
 import argparse
@@ -18,11 +19,19 @@ from shardfs.commands import (
     verify_cmd,
     warm_cmd,
 )
-from shardfs.commands.entry_point import configure_logging, run_with_exit_status
+from shardfs.commands.entry_point import (
+    configure_logging,
+    raise_on_sigterm,
+    run_with_exit_status,
+)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+# Commands that write to a store: on SIGTERM they let the writes in
+# progress finish, as on Ctrl-C. The mount daemon handles SIGTERM itself.
+STORE_WRITERS = ("push", "repair", "gc", "rm")
 
 COMMANDS = (
     push_cmd,
@@ -72,6 +81,8 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(build_parser(), argv)
     configure_logging(args.log_level)
+    if args.command in STORE_WRITERS:
+        raise_on_sigterm()
     return run_with_exit_status(
         lambda: args.run(args),
         exit_usage=EXIT_USAGE,

@@ -121,6 +121,8 @@ class PushConfig:
     zstd_level: int = 3
     # Threads that compress and upload chunks at once.
     workers: int = 8
+    # Fetch and decode each chunk found in the store, and replace damaged ones.
+    check_existing: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -113,8 +113,13 @@ def check_file_path(path: str) -> str:
     for part in parts:
         if part in ("", ".", ".."):
             raise ValueError(f"path component {part!r} is not allowed")
-        # Strict encoding rejects lone surrogates, which JSON can carry.
-        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+        # Python keeps the bytes of a file name that is not UTF-8 as lone
+        # surrogates, which JSON can carry but strict encoding rejects.
+        try:
+            encoded = part.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("the name is not valid UTF-8; rename the file") from None
+        if len(encoded) > MAX_NAME_BYTES:
             raise ValueError(f"path component is longer than {MAX_NAME_BYTES} bytes")
     return path
 

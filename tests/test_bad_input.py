@@ -206,11 +206,20 @@ def make_empty_directory(workdir: str) -> tuple[str, str]:
     return path, "contains no files"
 
 
+def make_undecodable_name(workdir: str) -> tuple[str, str]:
+    path = os.path.join(workdir, "model")
+    os.mkdir(path)
+    with open(os.path.join(os.fsencode(path), b"weights-\xff.bin"), "wb") as file:
+        file.write(b"weights")
+    return path, "not valid UTF-8"
+
+
 SOURCE_CASES = {
     "missing": make_missing,
     "fifo": make_fifo,
     "dangling-symlink": make_dangling_symlink,
     "empty-directory": make_empty_directory,
+    "undecodable-name": make_undecodable_name,
 }
 
 
@@ -222,6 +231,16 @@ def test_push_rejects_bad_source(seeded_store, workdir, make_source):
     result = run_shardfs("push", "--store", store.url, *store.options, source, "org/new")
     assert_one_line_error(result, EXIT_USAGE, mention)
     assert seeded_store.snapshot() == before
+
+
+def test_push_warns_once_for_skipped_fifo(workdir):
+    source = write_model_source(os.path.join(workdir, "source"))
+    os.mkfifo(os.path.join(source, "pipe"))
+    store = os.path.join(workdir, "store")
+    result = run_shardfs("push", "--store", store, source, "org/with-pipe")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
+    assert warnings == [f"WARNING shardfs.publish.push: skipping {source}/pipe: not a regular file"]
 
 
 def test_failed_push_creates_no_store(workdir):
@@ -317,6 +336,21 @@ def test_push_rejects_invalid_name(seeded_stores, workdir, kind, case):
     result = run_shardfs("push", "--store", store.url, *store.options, source, name)
     assert_one_line_error(result, EXIT_USAGE, repr(name))
     assert store.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("org/seed/v2", "it is inside the model 'org/seed'"),
+        ("org", "the model 'org/seed' is inside that name"),
+    ],
+)
+def test_push_rejects_nested_model_name(seeded_store, workdir, name, message):
+    source = write_model_source(os.path.join(workdir, "source"))
+    before = seeded_store.snapshot()
+    result = run_shardfs("push", "--store", seeded_store.url, *seeded_store.options, source, name)
+    assert_one_line_error(result, EXIT_USAGE, message)
+    assert seeded_store.snapshot() == before
 
 
 BAD_CHUNK_SIZES = {

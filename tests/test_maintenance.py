@@ -1,6 +1,8 @@
 """``shardfs verify``, ``gc`` and ``rm`` on local and S3 stores, and the store calls they use."""
 
 import os
+import signal
+import subprocess
 import threading
 import time
 
@@ -8,7 +10,7 @@ import pytest
 import torch
 import safetensors.torch
 
-from conftest import free_port, mounted, needs_fuse, run_shardfs
+from conftest import free_port, mounted, needs_fuse, run_shardfs, shardfs_command
 from shardfs import codec
 from shardfs.config import StoreConfig
 from shardfs.errors import ObjectInvalid, ObjectNotFound
@@ -110,6 +112,58 @@ def test_verify_finds_missing_and_corrupt(two_models):
     assert "verified 1 model," in only_b.stdout
 
 
+def test_verify_counts_shared_chunk_once(tmp_path, local_store):
+    directory = tmp_path / "twins"
+    directory.mkdir()
+    data = write_model(directory / "first.safetensors", 3)
+    (directory / "second.safetensors").write_bytes(data)
+    push(local_store, directory, "org/twins")
+    store = LocalStore(local_store)
+    key = sorted(chunk_keys(store, "org/twins"))[0]
+    os.unlink(os.path.join(local_store, chunk_object_key(key)))
+
+    result = run_shardfs("verify", local_store)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1
+    assert len([line for line in lines if key in line]) == 2
+    assert lines[-1].endswith(": 1 missing")
+
+
+def test_push_check_existing_replaces_corrupt(two_models, tmp_path):
+    key = sorted(chunk_keys(two_models, "org/a") - chunk_keys(two_models, "org/b"))[0]
+    flip_byte(os.path.join(two_models.root, chunk_object_key(key)), -1, 0xFF)
+    source = tmp_path / "a" / "model.safetensors"
+
+    push(two_models.root, source, "org/a")
+    still_corrupt = run_shardfs("verify", two_models.root)
+    assert still_corrupt.returncode == 1
+    assert "push each model named above again" in still_corrupt.stdout
+    assert "--check-existing" in still_corrupt.stdout
+
+    push(two_models.root, source, "org/a", "--check-existing")
+    repaired = run_shardfs("verify", two_models.root)
+    assert repaired.returncode == 0, repaired.stdout
+    assert "all good" in repaired.stdout
+
+
+def test_push_replaces_truncated_raw_chunk(tmp_path, local_store):
+    source = tmp_path / "noise.bin"
+    source.write_bytes(os.urandom(300_000))
+    push(local_store, source, "org/noise")
+    store = LocalStore(local_store)
+    key = sorted(chunk_keys(store, "org/noise"))[0]
+    path = os.path.join(local_store, chunk_object_key(key))
+    assert store.get_range(chunk_object_key(key), 4, 5) == bytes([codec.CODEC_IDS["raw"]])
+    size = os.path.getsize(path)
+    os.truncate(path, size - 1)
+
+    # The size of a raw chunk is known, so a plain push finds the damage.
+    push(local_store, source, "org/noise")
+    result = run_shardfs("verify", local_store)
+    assert result.returncode == 0, result.stdout
+    assert os.path.getsize(path) == size
+
+
 def test_verify_reports_fifo_chunk(two_models):
     key = sorted(chunk_keys(two_models, "org/a") - chunk_keys(two_models, "org/b"))[0]
     path = os.path.join(two_models.root, chunk_object_key(key))
@@ -194,6 +248,53 @@ def test_gc_dry_run_and_zero_grace(two_models):
     assert run_shardfs("verify", two_models.root).returncode == 0
 
 
+def test_gc_deletes_old_partial_writes(two_models):
+    directory = os.path.join(two_models.root, "chunks", "ab")
+    os.makedirs(directory, exist_ok=True)
+    old, young = os.path.join(directory, ".tmp-old"), os.path.join(directory, ".tmp-young")
+    for path in (old, young):
+        with open(path, "wb") as file:
+            file.write(b"x" * 1000)
+    age = time.time() - 2 * DAY
+    os.utime(old, (age, age))
+
+    dry = run_shardfs("gc", "--dry-run", two_models.root)
+    assert dry.returncode == 0, dry.stderr
+    assert "would delete 0 expired retired manifests and 1 partial write" in dry.stdout
+    assert os.path.exists(old)
+
+    real = run_shardfs("gc", two_models.root)
+    assert real.returncode == 0, real.stderr
+    assert "and 1 partial write of interrupted pushes (1000 B)" in real.stdout
+    assert not os.path.exists(old)
+    assert os.path.exists(young)
+    assert run_shardfs("verify", two_models.root).returncode == 0
+
+
+def test_push_sigterm_leaves_no_partial_writes(tmp_path, local_store):
+    source = tmp_path / "noise.bin"
+    source.write_bytes(os.urandom(64 * 1024 * 1024))
+    process = subprocess.Popen(
+        shardfs_command("push", "--store", local_store, "--chunk-size", "64KiB", str(source), "org/noise"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    chunks = os.path.join(local_store, "chunks")
+    deadline = time.monotonic() + 60
+    while not (os.path.isdir(chunks) and len(os.listdir(chunks)) > 20):
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=60)[1]
+
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines() == ["shardfs: terminated"]
+    leftovers = [name for _, _, names in os.walk(local_store) for name in names if name.startswith(".tmp-")]
+    assert leftovers == []
+    assert list_models(LocalStore(local_store)) == []
+
+
 def test_gc_keeps_chunk_renewed_during_run(two_models):
     """A chunk a push reuses after gc listed it is kept."""
     assert run_shardfs("rm", two_models.root, "org/a").returncode == 0
@@ -262,11 +363,13 @@ def test_rm_removes_manifest(two_models):
         (("gc", "--grace=-1h"), 2, "invalid duration '-1h'"),
         (("rm", "org//a"), 2, "invalid model name 'org//a'"),
         (("rm", "../a"), 2, "invalid model name '../a'"),
+        (("verify", "../a"), 2, "invalid model name '../a'"),
+        (("verify", "org/a", "/org/a"), 2, "invalid model name '/org/a'"),
     ],
 )
 def test_maintenance_bad_arguments(two_models, args, status, message):
     command, *rest = args
-    if command == "rm":
+    if command in ("rm", "verify"):
         result = run_shardfs(command, two_models.root, *rest)
     else:
         result = run_shardfs(command, *rest, two_models.root)
@@ -281,6 +384,18 @@ def test_maintenance_missing_store(tmp_path, command):
     result = run_shardfs(command[0], missing, *command[1:])
     assert result.returncode == 1
     assert result.stderr.strip() == f"shardfs: error: store not found: {missing}: no such directory"
+
+
+@pytest.mark.parametrize("command", [("verify",), ("gc",), ("rm", "org/a"), ("ls",)])
+def test_maintenance_store_is_a_file(tmp_path, command):
+    path = tmp_path / "store"
+    path.write_bytes(b"not a store")
+    result = run_shardfs(command[0], str(path), *command[1:])
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"shardfs: error: store not found: {path}: it exists and is not a directory"
+    )
+    assert path.read_bytes() == b"not a store"
 
 
 def test_maintenance_unreachable_s3():

@@ -115,6 +115,10 @@ class MemoryStore:
         self._enter("list")
         return iter([key for key in self.objects if key.startswith(prefix)])
 
+    def remove_partial_writes(self, cutoff: float, dry_run: bool = False) -> tuple[int, int]:
+        self._enter("remove_partial_writes")
+        return 0, 0
+
     def list_info(self, prefix: str):
         self._enter("list_info")
         items = [
@@ -774,10 +778,18 @@ def test_push_and_gc_local_members(tmp_path):
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.startswith("org/m\t1 file\t")
 
+    # A put killed midway on one member left its temporary file.
+    partial = os.path.join(store.members[1].store.root, "chunks", "00", ".tmp-killed")
+    os.makedirs(os.path.dirname(partial), exist_ok=True)
+    with open(partial, "wb") as file:
+        file.write(b"half")
+
     removed = run_shardfs("rm", *arguments, "org/m")
     assert removed.returncode == 0, removed.stderr
     collected = run_shardfs("gc", *arguments, "--grace", "0")
     assert collected.returncode == 0, collected.stderr
+    assert "and 1 partial write of interrupted pushes (4 B)" in collected.stdout
+    assert not os.path.exists(partial)
     for member in store.members:
         assert list(member.store.list("chunks/")) == []
         assert list(member.store.list("models/")) == []

@@ -7,6 +7,7 @@ follows mount(8)'s.
 """
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
 
@@ -24,14 +25,28 @@ def configure_logging(level: int | str) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that cleanup runs as for Ctrl-C."""
+
+
+def raise_on_sigterm() -> None:
+    """Make SIGTERM raise `Terminated`, so a command that writes to a store
+    finishes the writes in progress instead of leaving partial files."""
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run_with_exit_status(
     run: Callable[[], int | None], *, exit_usage: int, exit_failed: int, exit_interrupted: int
 ) -> int:
     """Call *run* and return its exit status, or 0 when it returns None.
 
     A `UsageError` returns *exit_usage*, any other `ShardfsError`
-    *exit_failed*, and KeyboardInterrupt *exit_interrupted*, each after a
-    one-line message on stderr. Other exceptions propagate.
+    *exit_failed*, KeyboardInterrupt *exit_interrupted* and `Terminated`
+    143, each after a one-line message on stderr. Other exceptions propagate.
     """
     try:
         return run() or 0
@@ -41,6 +56,9 @@ def run_with_exit_status(
     except ShardfsError as exc:
         print(f"shardfs: error: {exc}", file=sys.stderr)
         return exit_failed
+    except Terminated:
+        print("shardfs: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("shardfs: interrupted", file=sys.stderr)
         return exit_interrupted

@@ -44,5 +44,10 @@ def run(args) -> int:
             f"({format_size(report.kept_young_bytes)})"
         )
     summary += f"; {verb} {format_count(report.retired_deleted, 'expired retired manifest')}"
+    if report.partial_deleted:
+        summary += (
+            f" and {format_count(report.partial_deleted, 'partial write')} of interrupted "
+            f"pushes ({format_size(report.partial_deleted_bytes)})"
+        )
     print(summary)
     return 0

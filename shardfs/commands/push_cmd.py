@@ -4,7 +4,7 @@ from shardfs.commands import add_store_options, store_config
 from shardfs.config import PushConfig, parse_size
 from shardfs.errors import UsageError
 from shardfs.manifest import MAX_CHUNK_LENGTH, check_model_name
-from shardfs.publish.push import collect_sources, push
+from shardfs.publish.push import SourceFile, collect_sources, push
 from shardfs.stores import LocalStore, open_store
 from shardfs.stores.placed import PlacedStore
 
@@ -23,18 +23,25 @@ def add_parser(subparsers) -> None:
         help="bytes of file content per chunk, such as 8M, 64MiB or 1048576 "
         "(default: 8MiB)",
     )
+    parser.add_argument(
+        "--check-existing",
+        action="store_true",
+        help="download and check each chunk the store already has, and upload "
+        "again those that are damaged",
+    )
     parser.add_argument("source", metavar="SOURCE", help="a file or a model directory")
     parser.add_argument("name", metavar="NAME", help="model name, such as org/model")
     parser.set_defaults(run=run)
 
 
-def check_push_input(source: str, name: str) -> None:
-    """Raise `UsageError` for an invalid model name or an unreadable source."""
+def check_push_input(source: str, name: str) -> list[SourceFile]:
+    """Return the files to push, or raise `UsageError` for an invalid model
+    name or an unreadable source."""
     try:
         check_model_name(name)
     except ValueError as exc:
         raise UsageError(f"invalid model name {name!r}: {exc}") from None
-    collect_sources(source)
+    return collect_sources(source)
 
 
 def run(args) -> int:
@@ -44,9 +51,11 @@ def run(args) -> int:
             f"invalid chunk size {args.chunk_size!r}: expected 64KiB to 1GiB"
         )
     store = open_store(store_config(args))
+    sources = None
     if isinstance(store, (LocalStore, PlacedStore)):
         # Check the input first, so a failed push leaves no new directory.
-        check_push_input(args.source, args.name)
+        sources = check_push_input(args.source, args.name)
         store.create()
-    push(store, args.source, args.name, PushConfig(chunk_size=chunk_size))
+    config = PushConfig(chunk_size=chunk_size, check_existing=args.check_existing)
+    push(store, args.source, args.name, config, sources=sources)
     return 0

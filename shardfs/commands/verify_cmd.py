@@ -2,8 +2,11 @@
 
 from shardfs.commands import add_store_options, store_config
 from shardfs.config import format_size
+from shardfs.errors import UsageError
+from shardfs.manifest import check_model_name
 from shardfs.publish.verify import verify_models
 from shardfs.stores import open_store
+from shardfs.stores.placed import PlacedStore
 
 
 def add_parser(subparsers) -> None:
@@ -19,10 +22,21 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    for name in args.names:
+        try:
+            check_model_name(name)
+        except ValueError as exc:
+            raise UsageError(f"invalid model name {name!r}: {exc}") from None
     store = open_store(store_config(args))
     report = verify_models(store, args.names)
     for problem in report.problems:
         print(problem.describe())
+    damaged = report.chunks_with("missing") + report.chunks_with("corrupt")
+    if damaged and not isinstance(store, PlacedStore):
+        print(
+            "to replace missing or corrupt chunks, push each model named above again "
+            "from its original files with --check-existing"
+        )
     print(
         f"verified {plural(report.models, 'model')}, {plural(report.chunks, 'chunk')}, "
         f"{format_size(report.stored_bytes)} stored: {_summary(report)}"
@@ -32,9 +46,9 @@ def run(args) -> int:
 
 def _summary(report) -> str:
     parts = [
-        f"{report.count(kind)} {kind}"
+        f"{report.chunks_with(kind)} {kind}"
         for kind in ("missing", "corrupt", "unsupported")
-        if report.count(kind)
+        if report.chunks_with(kind)
     ]
     unreadable = report.count("manifest")
     if unreadable:

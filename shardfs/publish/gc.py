@@ -50,6 +50,9 @@ class GcReport:
     kept_young: int = 0
     kept_young_bytes: int = 0
     retired_deleted: int = 0
+    # Temporary files of puts killed before they finished (local stores).
+    partial_deleted: int = 0
+    partial_deleted_bytes: int = 0
 
 
 def collect_garbage(
@@ -108,6 +111,9 @@ def collect_garbage(
         if not dry_run:
             list(pool.map(store.delete, expired_retired))
     report.retired_deleted = len(expired_retired)
+    report.partial_deleted, report.partial_deleted_bytes = store.remove_partial_writes(
+        now() - grace_s, dry_run
+    )
     return report
 
 

@@ -29,7 +29,7 @@ from shardfs.manifest import (
 from shardfs.publish.chunking import PlannedChunk, plan_chunks
 from shardfs.publish.progress import PushProgress
 from shardfs.publish.retire import retire_manifest
-from shardfs.stores.base import Store, chunk_object_key, manifest_object_key
+from shardfs.stores.base import Store, chunk_object_key, list_models, manifest_object_key
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class _ChunkUploader:
 
     def _store_chunk(self, source: str, plan: PlannedChunk, key: str, data: bytes) -> ChunkRef:
         object_key = chunk_object_key(key)
-        existing = self._existing_header(key, object_key)
+        existing = self._existing_header(key, object_key, len(data))
         if existing is not None and not self._renew(object_key):
             existing = None
         if existing is None:
@@ -251,14 +251,31 @@ class _ChunkUploader:
             return False
         return True
 
-    def _existing_header(self, key: str, object_key: str) -> tuple[str, str, int] | None:
-        """Return (codec, transform, stored length) of a chunk already in the store."""
+    def _existing_header(
+        self, key: str, object_key: str, length: int
+    ) -> tuple[str, str, int] | None:
+        """Return (codec, transform, stored length) of a good chunk already in the store.
+
+        The header is always checked against the chunk. With
+        ``check_existing`` the whole object is fetched and decoded too.
+        """
         size = self._store.head(object_key)
         if size is None:
             return None
-        head = self._store.get_range(object_key, 0, codec.HEADER_SIZE)
+        if self._config.check_existing:
+            head = self._store.get(object_key)
+            size = len(head)
+        else:
+            head = self._store.get_range(object_key, 0, codec.HEADER_SIZE)
         try:
             header = codec.parse_header(key, head)
+            if header.length != length:
+                raise ChunkCorrupt(key, f"header gives {header.length} bytes, expected {length}")
+            raw_size = codec.HEADER_SIZE + length
+            if header.codec == "raw" and size != raw_size:
+                raise ChunkCorrupt(key, f"raw object is {size} bytes, expected {raw_size}")
+            if self._config.check_existing:
+                codec.decode(key, length, head)
         except ChunkEncodingUnknown as exc:
             log.info("rewriting chunk in an encoding this version knows: %s", exc)
             return None
@@ -269,15 +286,26 @@ class _ChunkUploader:
 
 
 def push(
-    store: Store, source: str, name: str, config: PushConfig, progress_stream=None
+    store: Store,
+    source: str,
+    name: str,
+    config: PushConfig,
+    progress_stream=None,
+    sources: list[SourceFile] | None = None,
 ) -> Manifest:
-    """Push *source* (a file or a directory) into *store* as model *name*."""
+    """Push *source* (a file or a directory) into *store* as model *name*.
+
+    *sources* are the files `collect_sources` found in *source*, when the
+    caller has collected them already.
+    """
     try:
         check_model_name(name)
     except ValueError as exc:
         raise UsageError(f"invalid model name {name!r}: {exc}") from None
-    sources = collect_sources(source)
+    if sources is None:
+        sources = collect_sources(source)
     store.check()
+    _check_not_nested(store, name)
 
     progress = PushProgress(sum(item.size for item in sources), progress_stream)
     uploader = _ChunkUploader(store, config, progress)
@@ -296,6 +324,25 @@ def push(
     store.put(manifest_object_key(name), to_json(manifest))
     progress.finish(name, len(entries))
     return manifest
+
+
+def _check_not_nested(store: Store, name: str) -> None:
+    """Raise `UsageError` if *name* is inside another model's name, or contains one.
+
+    The mount shows each model as a directory, so ``org/m`` and
+    ``org/m/v2`` cannot both be models.
+    """
+    for other in list_models(store):
+        if other.startswith(name + "/"):
+            raise UsageError(
+                f"cannot push {name!r}: the model {other!r} is inside that name; "
+                "choose a name that is not a directory of another model"
+            )
+        if name.startswith(other + "/"):
+            raise UsageError(
+                f"cannot push {name!r}: it is inside the model {other!r}; "
+                "choose a name that is not a directory of another model"
+            )
 
 
 def _push_file(uploader: _ChunkUploader, item: SourceFile, config: PushConfig) -> FileEntry:

@@ -69,6 +69,11 @@ class VerifyReport:
     def count(self, kind: str) -> int:
         return sum(problem.kind == kind for problem in self.problems)
 
+    def chunks_with(self, kind: str) -> int:
+        """Return how many distinct chunks have a problem of *kind*, however
+        many files name them or copies are bad."""
+        return len({problem.key for problem in self.problems if problem.kind == kind})
+
 
 def verify_models(store: Store, names: list[str] | None = None, workers: int = 8) -> VerifyReport:
     """Check the models *names* (every model when None or empty) in *store*.

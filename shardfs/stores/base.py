@@ -69,6 +69,14 @@ class Store(Protocol):
     def delete(self, key: str) -> None:
         """Delete the object; deleting a missing object is no error."""
 
+    def remove_partial_writes(self, cutoff: float, dry_run: bool = False) -> tuple[int, int]:
+        """Delete what puts killed midway left, if older than *cutoff* (a Unix time).
+
+        Returns the number of leftovers and their bytes. A store whose puts
+        are atomic on the server leaves none.
+        """
+        return 0, 0
+
 
 def list_models(store: Store) -> list[str]:
     """Return the names of the models that have a manifest in *store*, sorted."""

@@ -29,6 +29,8 @@ class LocalStore:
         return os.path.join(self.root, key)
 
     def check(self) -> None:
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise StoreNotFound(self.url, "it exists and is not a directory")
         if not os.path.isdir(self.root):
             raise StoreNotFound(self.url, "no such directory")
         if not os.access(self.root, os.R_OK | os.X_OK):
@@ -154,6 +156,32 @@ class LocalStore:
                     continue
                 path = name if relative == "." else f"{relative}/{name}"
                 yield path.replace(os.sep, "/")
+
+    def remove_partial_writes(self, cutoff: float, dry_run: bool = False) -> tuple[int, int]:
+        """Delete the temporary files of puts that were killed before their
+        rename, if last modified before *cutoff* (a Unix time).
+
+        Returns the number of files and their bytes.
+        """
+        count = size = 0
+        for directory, _, files in os.walk(self.root):
+            for name in files:
+                if not name.startswith(".tmp-"):
+                    continue
+                path = os.path.join(directory, name)
+                try:
+                    info = os.lstat(path)
+                    if info.st_mtime >= cutoff:
+                        continue
+                    if not dry_run:
+                        os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise self._error(exc, os.path.relpath(path, self.root)) from None
+                count += 1
+                size += info.st_size
+        return count, size
 
     def _error(self, exc: OSError, key: str) -> StoreError:
         if exc.errno == errno.ENOENT:

@@ -454,6 +454,23 @@ class PlacedStore:
         """Delete the object from every member, including copies outside its placement."""
         self._write_all(self.members, lambda store: store.delete(key))
 
+    def remove_partial_writes(self, cutoff: float, dry_run: bool = False) -> tuple[int, int]:
+        """Delete the leftovers of killed puts on every member that responds.
+
+        A member that fails is logged and skipped, because the leftovers
+        take space but are never read.
+        """
+        count = size = 0
+        for member in self.members:
+            try:
+                removed, removed_bytes = member.store.remove_partial_writes(cutoff, dry_run)
+            except StoreError as exc:
+                log.warning("cannot remove partial writes on store member %s: %s", member.name, exc)
+                continue
+            count += removed
+            size += removed_bytes
+        return count, size
+
     def create(self) -> None:
         """Create the members that are local directories, as `LocalStore.create` does."""
         for member in self.members:

@@ -120,6 +120,10 @@ class S3Store:
         for info in self.list_info(prefix):
             yield info.key
 
+    def remove_partial_writes(self, cutoff: float, dry_run: bool = False) -> tuple[int, int]:
+        # Every put is a single PUT, which S3 applies whole or not at all.
+        return 0, 0
+
     def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
         paginator = self._client.get_paginator("list_objects_v2")
         try:
