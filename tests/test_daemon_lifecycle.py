@@ -52,6 +52,20 @@ def test_background_daemon_serves_and_logs(tiny_store, tiny_source, tmp_path):
     assert cache.stat().st_mode & 0o777 == 0o700
 
 
+def test_mount_rejects_file_as_cache_dir(tiny_store, tmp_path):
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    cache = tmp_path / "cache-file"
+    cache.write_bytes(b"not a directory")
+    result = run_shardfs("mount", "--cache-dir", str(cache), tiny_store, str(mountpoint))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"shardfs: error: cache directory {str(cache)!r} exists and is not a directory"
+    )
+    assert cache.read_bytes() == b"not a directory"
+    assert not os.path.ismount(mountpoint)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
 def test_signal_unmounts_cleanly(tiny_store, tmp_path, signum):
     store = tiny_store

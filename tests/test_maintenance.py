@@ -1,5 +1,6 @@
 """``shardfs verify``, ``gc`` and ``rm`` on local and S3 stores, and the store calls they use."""
 
+import io
 import os
 import signal
 import subprocess
@@ -12,10 +13,11 @@ import safetensors.torch
 
 from conftest import free_port, mounted, needs_fuse, run_shardfs, shardfs_command
 from shardfs import codec
-from shardfs.config import StoreConfig
+from shardfs.config import PushConfig, StoreConfig
 from shardfs.errors import ObjectInvalid, ObjectNotFound
 from shardfs.manifest import parse_manifest
 from shardfs.publish.gc import collect_garbage
+from shardfs.publish.push import push as push_model
 from shardfs.publish.retire import RETIRED_PREFIX
 from shardfs.stores import open_store
 from shardfs.stores.base import chunk_object_key, list_models, manifest_object_key
@@ -144,6 +146,22 @@ def test_push_check_existing_replaces_corrupt(two_models, tmp_path):
     repaired = run_shardfs("verify", two_models.root)
     assert repaired.returncode == 0, repaired.stdout
     assert "all good" in repaired.stdout
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_push_replaces_chunk_that_is_not_a_file(two_models, tmp_path, kind):
+    key = sorted(chunk_keys(two_models, "org/a") - chunk_keys(two_models, "org/b"))[0]
+    path = os.path.join(two_models.root, chunk_object_key(key))
+    os.unlink(path)
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        os.mkdir(path)
+
+    push(two_models.root, tmp_path / "a" / "model.safetensors", "org/a")
+    result = run_shardfs("verify", two_models.root, timeout=60)
+    assert result.returncode == 0, result.stdout
+    assert os.path.isfile(path)
 
 
 def test_push_replaces_truncated_raw_chunk(tmp_path, local_store):
@@ -295,6 +313,26 @@ def test_push_sigterm_leaves_no_partial_writes(tmp_path, local_store):
     assert list_models(LocalStore(local_store)) == []
 
 
+def test_push_commit_hook_runs_before_manifest(tmp_path):
+    store = LocalStore(str(tmp_path / "store"))
+    store.create()
+    seen = {}
+
+    def on_commit() -> None:
+        seen["models"] = list_models(store)
+        seen["chunks"] = stored_chunks(store)
+
+    source = tmp_path / "a" / "model.safetensors"
+    source.parent.mkdir()
+    write_model(source, 1)
+    config = PushConfig(chunk_size=64 * 1024)
+    push_model(store, str(source), "org/a", config, io.StringIO(), on_commit=on_commit)
+
+    assert seen["models"] == []
+    assert seen["chunks"] == chunk_keys(store, "org/a")
+    assert list_models(store) == ["org/a"]
+
+
 def test_gc_keeps_chunk_renewed_during_run(two_models):
     """A chunk a push reuses after gc listed it is kept."""
     assert run_shardfs("rm", two_models.root, "org/a").returncode == 0
@@ -330,6 +368,7 @@ def test_gc_stops_on_invalid_manifest(two_models):
     assert result.returncode == 1
     assert "gc stopped before deleting anything" in result.stderr
     assert "org/b" in result.stderr
+    assert "push the model again or delete that object" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(stored_chunks(two_models)) == count
 

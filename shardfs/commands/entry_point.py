@@ -39,6 +39,12 @@ def raise_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def ignore_sigterm() -> None:
+    """Ignore SIGTERM from now on, once a command's result is being written
+    and stopping could only make its exit status disagree with the store."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def run_with_exit_status(
     run: Callable[[], int | None], *, exit_usage: int, exit_failed: int, exit_interrupted: int
 ) -> int:

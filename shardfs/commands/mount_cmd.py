@@ -362,6 +362,8 @@ def _read_until_closed(pipe, timeout_s: float) -> bytes | None:
 
 
 def _open_log_dir(cache_dir: str) -> str:
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise UsageError(f"cache directory {cache_dir!r} exists and is not a directory")
     try:
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
     except OSError as exc:

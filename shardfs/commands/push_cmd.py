@@ -1,6 +1,7 @@
 """``shardfs push``: store a file or a model directory as a model."""
 
 from shardfs.commands import add_store_options, store_config
+from shardfs.commands.entry_point import ignore_sigterm
 from shardfs.config import PushConfig, parse_size
 from shardfs.errors import UsageError
 from shardfs.manifest import MAX_CHUNK_LENGTH, check_model_name
@@ -57,5 +58,7 @@ def run(args) -> int:
         sources = check_push_input(args.source, args.name)
         store.create()
     config = PushConfig(chunk_size=chunk_size, check_existing=args.check_existing)
-    push(store, args.source, args.name, config, sources=sources)
+    # A SIGTERM that arrives while the manifest is written would report a
+    # failed push for a model that is published.
+    push(store, args.source, args.name, config, sources=sources, on_commit=ignore_sigterm)
     return 0

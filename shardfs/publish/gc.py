@@ -127,7 +127,10 @@ def _add_named_chunks(store: Store, object_key: str, model: str, named: set[str]
     try:
         manifest = parse_manifest(model, data)
     except ManifestInvalid as exc:
-        raise GcStopped(f"{object_key}: {exc}") from None
+        raise GcStopped(
+            f"{object_key}: {exc}; it may name chunks that readers still use, so push "
+            "the model again or delete that object from the store, then run gc again"
+        ) from None
     for entry in manifest.files:
         named.update(chunk.key for chunk in entry.chunks)
     return True

@@ -17,7 +17,13 @@ import time
 
 from shardfs import codec, formats
 from shardfs.config import PushConfig, format_count
-from shardfs.errors import ChunkCorrupt, ChunkEncodingUnknown, ObjectNotFound, UsageError
+from shardfs.errors import (
+    ChunkCorrupt,
+    ChunkEncodingUnknown,
+    ObjectInvalid,
+    ObjectNotFound,
+    UsageError,
+)
 from shardfs.manifest import (
     ChunkRef,
     FileEntry,
@@ -262,11 +268,15 @@ class _ChunkUploader:
         size = self._store.head(object_key)
         if size is None:
             return None
-        if self._config.check_existing:
-            head = self._store.get(object_key)
-            size = len(head)
-        else:
-            head = self._store.get_range(object_key, 0, codec.HEADER_SIZE)
+        try:
+            if self._config.check_existing:
+                head = self._store.get(object_key)
+                size = len(head)
+            else:
+                head = self._store.get_range(object_key, 0, codec.HEADER_SIZE)
+        except ObjectInvalid as exc:
+            log.warning("replacing chunk object that is not a file: %s", exc)
+            return None
         try:
             header = codec.parse_header(key, head)
             if header.length != length:
@@ -292,11 +302,13 @@ def push(
     config: PushConfig,
     progress_stream=None,
     sources: list[SourceFile] | None = None,
+    on_commit=None,
 ) -> Manifest:
     """Push *source* (a file or a directory) into *store* as model *name*.
 
     *sources* are the files `collect_sources` found in *source*, when the
-    caller has collected them already.
+    caller has collected them already. *on_commit*, if given, is called
+    once every chunk is stored, right before the manifest is written.
     """
     try:
         check_model_name(name)
@@ -318,6 +330,8 @@ def push(
         log.info("renewed %s again before writing the manifest", format_count(renewed, "chunk"))
 
     manifest = Manifest(name, time.time_ns(), config.chunk_size, entries)
+    if on_commit is not None:
+        on_commit()
     # The replaced manifest is kept for gc's grace period, so that readers
     # that still hold it keep finding its chunks.
     retire_manifest(store, name)

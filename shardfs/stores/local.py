@@ -109,7 +109,13 @@ class LocalStore:
                     file.flush()
                     os.fsync(file.fileno())
                 os.chmod(temp_path, 0o644)
-                os.rename(temp_path, path)
+                try:
+                    os.rename(temp_path, path)
+                except IsADirectoryError:
+                    # An empty directory in the object's place is replaced. One
+                    # that contains files makes rmdir fail, and that is reported.
+                    os.rmdir(path)
+                    os.rename(temp_path, path)
             except BaseException:
                 os.unlink(temp_path)
                 raise
