@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 
 # gcc and the Python headers build pyfuse3 and shardfs's compiled decoder.
 packages="fuse3 libfuse3-dev pkg-config gcc"
+# Tests of the service check the unit files with systemd-analyze and
+# trace the mount helper with strace.
+command -v strace >/dev/null || packages="$packages strace"
+command -v systemd-analyze >/dev/null || packages="$packages systemd"
 if ! python3 -m venv --help >/dev/null 2>&1; then
     packages="$packages python3-venv"
 fi
