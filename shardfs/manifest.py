@@ -148,6 +148,16 @@ def _file_to_dict(entry: FileEntry) -> dict:
     }
 
 
+def is_newer_version(data: bytes) -> bool:
+    """Return whether *data* is a JSON manifest of a format version above this one's."""
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    version = doc.get("version") if isinstance(doc, dict) else None
+    return isinstance(version, int) and version > VERSION
+
+
 def parse_manifest(model: str, data: bytes) -> Manifest:
     """Parse and validate the manifest *data* stored for *model*."""
     if len(data) > MAX_MANIFEST_BYTES:

@@ -576,8 +576,15 @@ def auth_server(tmp_path_factory):
         policies = {
             "admin": ["*"],
             # moto 5.2 checks a HEAD of a bucket as s3:HeadBucket, where AWS
-            # checks s3:ListBucket (moto/s3/responses.py, ACTION_MAP).
-            "read-only": ["s3:GetObject", "s3:ListBucket", "s3:HeadBucket"],
+            # checks s3:ListBucket (moto/s3/responses.py, ACTION_MAP). moto
+            # 5.2.6 refused this user's listings (403 on list-type=2) until
+            # the policy also named s3:ListObjectsV2.
+            "read-only": [
+                "s3:GetObject",
+                "s3:ListBucket",
+                "s3:HeadBucket",
+                "s3:ListObjectsV2",
+            ],
         }
         credentials = {}
         for user in ("admin", "read-only", "no-permission"):

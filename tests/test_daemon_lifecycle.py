@@ -66,6 +66,56 @@ def test_mount_rejects_file_as_cache_dir(tiny_store, tmp_path):
     assert not os.path.ismount(mountpoint)
 
 
+@pytest.mark.parametrize(
+    "cache, message",
+    [
+        ("store", "overlaps the store"),
+        ("store/chunks", "overlaps the store"),
+        ("mnt", "is inside the mountpoint"),
+        ("mnt/cache", "is inside the mountpoint"),
+    ],
+)
+@pytest.mark.parametrize("foreground", [False, True], ids=["background", "foreground"])
+def test_mount_rejects_cache_dir_overlap(tiny_store, tmp_path, cache, message, foreground):
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    mode = ["--foreground"] if foreground else []
+    result = run_shardfs(
+        "mount", *mode, "--cache-dir", str(tmp_path / cache), tiny_store, str(mountpoint), timeout=60
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert message in result.stderr
+    assert os.listdir(mountpoint) == []
+    assert not os.path.ismount(mountpoint)
+    assert run_shardfs("verify", tiny_store).returncode == 0
+
+
+def test_mount_rejects_store_inside_cache_dir(tiny_store, tmp_path):
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    result = run_shardfs("mount", "--cache-dir", str(tmp_path), tiny_store, str(mountpoint))
+    assert result.returncode == 2
+    assert "overlaps the store" in result.stderr
+    assert run_shardfs("verify", tiny_store).returncode == 0
+
+
+def test_mount_rejects_unwritable_cache_dir(tiny_store, tmp_path):
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    cache = tmp_path / "read-only"
+    cache.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(cache)], check=True)
+    try:
+        result = run_shardfs("mount", "--cache-dir", str(cache), tiny_store, str(mountpoint))
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("shardfs: error: cannot write the daemon log")
+    assert "Traceback" not in result.stderr
+    assert not os.path.ismount(mountpoint)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
 def test_signal_unmounts_cleanly(tiny_store, tmp_path, signum):
     store = tiny_store

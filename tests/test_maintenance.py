@@ -368,9 +368,61 @@ def test_gc_stops_on_invalid_manifest(two_models):
     assert result.returncode == 1
     assert "gc stopped before deleting anything" in result.stderr
     assert "org/b" in result.stderr
-    assert "push the model again or delete that object" in result.stderr
+    assert "push the model again or remove it with shardfs rm" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(stored_chunks(two_models)) == count
+
+
+@pytest.mark.parametrize("replace", ["rm", "push"])
+def test_invalid_manifest_not_retired(two_models, tmp_path, replace):
+    two_models.put(manifest_object_key("org/a"), b"{not json")
+    if replace == "rm":
+        assert run_shardfs("rm", two_models.root, "org/a").returncode == 0
+    else:
+        push(two_models.root, _model_file(tmp_path, "a", 5), "org/a")
+    assert list(two_models.list(RETIRED_PREFIX)) == []
+    collected = run_shardfs("gc", "--grace", "0", two_models.root)
+    assert collected.returncode == 0, collected.stderr
+    assert run_shardfs("verify", two_models.root).returncode == 0
+
+
+def test_newer_manifest_still_retired(two_models):
+    newer = b'{"format": "shardfs-manifest", "version": 99, "files": []}'
+    two_models.put(manifest_object_key("org/a"), newer)
+    assert run_shardfs("rm", two_models.root, "org/a").returncode == 0
+    retired = list(two_models.list(RETIRED_PREFIX))
+    assert len(retired) == 1
+    assert two_models.get(retired[0]) == newer
+
+
+def test_gc_stops_on_invalid_retired_copy(two_models):
+    two_models.put(f"{RETIRED_PREFIX}org/a/1-0000abcd.json", b"{not json")
+    count = len(stored_chunks(two_models))
+    result = run_shardfs("gc", two_models.root)
+    assert result.returncode == 1
+    assert "delete that retired copy from the store if no reader can use it" in result.stderr
+    assert len(stored_chunks(two_models)) == count
+
+
+def test_manifest_replaced_by_directory(two_models):
+    path = os.path.join(two_models.root, manifest_object_key("org/a"))
+    os.unlink(path)
+    os.mkdir(path)
+    count = len(stored_chunks(two_models))
+
+    listed = run_shardfs("ls", two_models.root)
+    assert listed.returncode == 1
+    assert "org/a\tinvalid: it is a directory, not a regular file" in listed.stdout
+    verified = run_shardfs("verify", two_models.root)
+    assert verified.returncode == 1
+    assert "org/a: manifest is invalid: it is a directory" in verified.stdout
+    collected = run_shardfs("gc", "--grace", "0", two_models.root)
+    assert collected.returncode == 1
+    assert "gc stopped before deleting anything" in collected.stderr
+    assert len(stored_chunks(two_models)) == count
+
+    assert run_shardfs("rm", two_models.root, "org/a").returncode == 0
+    assert not os.path.exists(path)
 
 
 def test_gc_leaves_unknown_objects(two_models):

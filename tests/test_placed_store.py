@@ -795,6 +795,37 @@ def test_push_and_gc_local_members(tmp_path):
         assert list(member.store.list("models/")) == []
 
 
+@pytest.mark.parametrize("damage", ["flip", "fifo"])
+def test_push_check_existing_replaces_every_bad_copy(tmp_path, damage):
+    values = local_members(tmp_path, 2)
+    source = push_new_model(values, tmp_path, 1)
+    store = placed_from_values(values)
+    key = sorted(named_chunks(store, "org/m"))[0]
+    object_key = chunk_object_key(key)
+    for member in store.members:
+        path = os.path.join(member.store.root, object_key)
+        if damage == "flip":
+            with open(path, "rb") as file:
+                data = bytearray(file.read())
+            data[-1] ^= 0xFF
+            with open(path, "wb") as file:
+                file.write(data)
+        else:
+            os.unlink(path)
+            os.mkfifo(path)
+
+    broken = run_shardfs("verify", *store_arguments(values), timeout=60)
+    assert broken.returncode == 1
+    assert "0 of 2 copies good" in broken.stdout
+    assert "push the model again from its original files with --check-existing" in broken.stdout
+
+    arguments = [*store_arguments(values), "--chunk-size", "64KiB", "--check-existing"]
+    pushed = run_shardfs("push", *arguments, source, "org/m")
+    assert pushed.returncode == 0, pushed.stderr
+    repaired = run_shardfs("verify", *store_arguments(values))
+    assert repaired.returncode == 0, repaired.stdout
+
+
 def test_repair_moves_chunks_to_added_member(tmp_path):
     values = local_members(tmp_path, 4)
     push_new_model(values[:3], tmp_path, 2)

@@ -4,7 +4,7 @@ import sys
 
 from shardfs.commands import add_store_options, store_config
 from shardfs.config import format_count, format_size
-from shardfs.errors import ManifestInvalid, ObjectNotFound, StoreError
+from shardfs.errors import ManifestInvalid, ObjectInvalid, ObjectNotFound, StoreError
 from shardfs.manifest import parse_manifest
 from shardfs.stores import PlacedStore, list_models, open_store
 from shardfs.stores.base import manifest_object_key
@@ -37,7 +37,7 @@ def run(args) -> int:
             manifest = parse_manifest(name, store.get(manifest_object_key(name)))
         except ObjectNotFound:
             continue
-        except ManifestInvalid as exc:
+        except (ManifestInvalid, ObjectInvalid) as exc:
             print(f"{name}\tinvalid: {exc.reason}")
             status = 1
             continue

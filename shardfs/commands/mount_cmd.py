@@ -22,6 +22,8 @@ from shardfs.config import MiB, MountConfig, RetryConfig, StoreConfig, default_c
 from shardfs.config_file import SETTINGS, SettingValue
 from shardfs.errors import ShardfsError, UsageError
 from shardfs.mount.mount_table import SHARDFS_TYPE, mount_at
+from shardfs.stores import LocalStore, open_store
+from shardfs.stores.placed import PlacedStore
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +201,7 @@ def mount(
         logging.getLogger().setLevel(resolved["log_level"])
     store = store_config(config_path, overrides, resolved)
     config = config_file.mount_config(resolved)
+    _check_cache_dir(config, open_store(store))
     if foreground:
         return _serve_foreground(store, config, ready_fd)
     return _start_daemon(config, _forwarded_arguments(config_path, overrides, resolved))
@@ -361,14 +364,55 @@ def _read_until_closed(pipe, timeout_s: float) -> bytes | None:
         data += block
 
 
-def _open_log_dir(cache_dir: str) -> str:
+def _check_cache_dir(config: MountConfig, store) -> None:
+    """Raise `UsageError` if the cache directory is a file, or overlaps the
+    mountpoint or a local store.
+
+    The cache deletes files it does not know at start, so sharing a
+    directory with a store would delete stored chunks.
+    """
+    cache_dir = config.cache_dir
     if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
         raise UsageError(f"cache directory {cache_dir!r} exists and is not a directory")
+    cache = os.path.realpath(cache_dir)
+    if _is_within(cache, os.path.realpath(config.mountpoint)):
+        raise UsageError(
+            f"cache directory {cache_dir!r} is inside the mountpoint {config.mountpoint!r}; "
+            "give the cache a directory of its own"
+        )
+    members = store.members if isinstance(store, PlacedStore) else []
+    stores = [member.store for member in members] or [store]
+    for local in stores:
+        if not isinstance(local, LocalStore):
+            continue
+        root = os.path.realpath(local.root)
+        if _is_within(cache, root) or _is_within(root, cache):
+            raise UsageError(
+                f"cache directory {cache_dir!r} overlaps the store {local.root!r}; "
+                "give the cache a directory of its own"
+            )
+
+
+def _is_within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _open_log_dir(cache_dir: str) -> str:
+    """Create the cache directory and return the path of a writable daemon log in it."""
     try:
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create cache directory {cache_dir!r}: {exc.strerror}") from None
-    return os.path.join(cache_dir, "daemon.log")
+    log_path = os.path.join(cache_dir, "daemon.log")
+    try:
+        with open(log_path, "ab"):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write the daemon log {log_path!r}: {exc.strerror}; "
+            "choose a writable --cache-dir"
+        ) from None
+    return log_path
 
 
 def run_unmount(args) -> int:

@@ -15,7 +15,7 @@ import dataclasses
 import re
 import time
 
-from shardfs.errors import ManifestInvalid, ObjectNotFound, ShardfsError
+from shardfs.errors import ManifestInvalid, ObjectInvalid, ObjectNotFound, ShardfsError
 from shardfs.manifest import parse_manifest
 from shardfs.publish.retire import RETIRED_PREFIX, retired_model_name
 from shardfs.stores.base import (
@@ -120,16 +120,20 @@ def collect_garbage(
 def _add_named_chunks(store: Store, object_key: str, model: str, named: set[str]) -> bool:
     """Add the chunk keys the manifest at *object_key* names; False if it is gone."""
     try:
-        data = store.get(object_key)
+        manifest = parse_manifest(model, store.get(object_key))
     except ObjectNotFound:
         # Removed since the listing: its retired copy, if any, is listed later.
         return False
-    try:
-        manifest = parse_manifest(model, data)
-    except ManifestInvalid as exc:
+    except (ManifestInvalid, ObjectInvalid) as exc:
+        if object_key.startswith(RETIRED_PREFIX):
+            step = (
+                "delete that retired copy from the store if no reader can use it, "
+                "or run gc once it is older than the grace period"
+            )
+        else:
+            step = "push the model again or remove it with shardfs rm, then run gc again"
         raise GcStopped(
-            f"{object_key}: {exc}; it may name chunks that readers still use, so push "
-            "the model again or delete that object from the store, then run gc again"
+            f"{object_key}: {exc}; it may name chunks that readers use, so {step}"
         ) from None
     for entry in manifest.files:
         named.update(chunk.key for chunk in entry.chunks)

@@ -36,6 +36,7 @@ from shardfs.publish.chunking import PlannedChunk, plan_chunks
 from shardfs.publish.progress import PushProgress
 from shardfs.publish.retire import retire_manifest
 from shardfs.stores.base import Store, chunk_object_key, list_models, manifest_object_key
+from shardfs.stores.placed import PlacedStore
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +269,9 @@ class _ChunkUploader:
         size = self._store.head(object_key)
         if size is None:
             return None
+        if self._config.check_existing and isinstance(self._store, PlacedStore):
+            if not self._drop_bad_copies(key, object_key, length):
+                return None
         try:
             if self._config.check_existing:
                 head = self._store.get(object_key)
@@ -293,6 +297,26 @@ class _ChunkUploader:
             log.warning("replacing damaged chunk object: %s", exc)
             return None
         return header.codec, header.transform, size
+
+
+    def _drop_bad_copies(self, key: str, object_key: str, length: int) -> bool:
+        """Check each copy of a placed store's chunk, delete the bad ones, and
+        return whether all were good.
+
+        Members only upload a chunk they lack, so a bad copy must go first.
+        """
+        all_good = True
+        for member in self._store.placement(key):
+            try:
+                codec.decode(key, length, member.store.get(object_key))
+                continue
+            except ObjectNotFound:
+                pass
+            except (ObjectInvalid, ChunkCorrupt, ChunkEncodingUnknown) as exc:
+                log.warning("replacing the copy of chunk %s on %s: %s", key, member.name, exc)
+                member.store.delete(object_key)
+            all_good = False
+        return all_good
 
 
 def push(

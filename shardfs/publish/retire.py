@@ -8,11 +8,15 @@ the grace period, then deletes the copy. The age is the object's
 modification time in the store, the same clock that dates the chunks.
 """
 
+import logging
 import os
 import time
 
-from shardfs.errors import ModelNotFound, ObjectNotFound
+from shardfs.errors import ManifestInvalid, ModelNotFound, ObjectInvalid, ObjectNotFound
+from shardfs.manifest import is_newer_version, parse_manifest
 from shardfs.stores.base import Store, manifest_object_key
+
+log = logging.getLogger(__name__)
 
 RETIRED_PREFIX = "retired/"
 
@@ -20,13 +24,24 @@ RETIRED_PREFIX = "retired/"
 def retire_manifest(store: Store, name: str) -> str | None:
     """Copy the current manifest of *name* to a retired key and return that key.
 
-    Returns None when *name* has no manifest. The current manifest is left
-    in place: the caller replaces or deletes it.
+    Returns None when *name* has no manifest, or one that no reader can
+    have loaded (damaged, or not a file), which would only make gc stop.
+    A manifest of a newer format version is kept, for newer readers. The
+    current manifest is left in place: the caller replaces or deletes it.
     """
     try:
         data = store.get(manifest_object_key(name))
     except ObjectNotFound:
         return None
+    except ObjectInvalid as exc:
+        log.warning("keeping no retired copy of the manifest of %s: %s", name, exc.reason)
+        return None
+    try:
+        parse_manifest(name, data)
+    except ManifestInvalid as exc:
+        if not is_newer_version(data):
+            log.warning("keeping no retired copy of the manifest of %s: %s", name, exc.reason)
+            return None
     key = f"{RETIRED_PREFIX}{name}/{time.time_ns()}-{os.urandom(4).hex()}.json"
     store.put(key, data)
     return key
@@ -37,15 +52,15 @@ def retired_model_name(key: str) -> str:
     return key[len(RETIRED_PREFIX) :].rsplit("/", 1)[0]
 
 
-def remove_model(store: Store, name: str) -> str:
+def remove_model(store: Store, name: str) -> str | None:
     """Remove the manifest of *name*, keeping a retired copy; return the copy's key.
 
     Raises `ModelNotFound` when *name* has no manifest. The chunks stay
     until `shardfs gc` finds them unnamed and past its grace period.
     """
     store.check()
-    retired = retire_manifest(store, name)
-    if retired is None:
+    if store.head(manifest_object_key(name)) is None:
         raise ModelNotFound(name, store.url)
+    retired = retire_manifest(store, name)
     store.delete(manifest_object_key(name))
     return retired

@@ -32,6 +32,7 @@ REPAIR_HINTS = {
     "missing": "shardfs repair restores it",
     "corrupt": "shardfs repair --check-content restores it",
 }
+NO_COPY_HINT = "push the model again from its original files with --check-existing"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +137,7 @@ def _load_manifest(store: Store, name: str, report: VerifyReport) -> Manifest | 
         return parse_manifest(name, store.get(manifest_object_key(name)))
     except ObjectNotFound:
         report.problems.append(Problem(name, "manifest", "model not found"))
-    except ManifestInvalid as exc:
+    except (ManifestInvalid, ObjectInvalid) as exc:
         report.problems.append(Problem(name, "manifest", f"manifest is invalid: {exc.reason}"))
     return None
 
@@ -179,5 +180,7 @@ def _check_copies(store: PlacedStore, key: str, length: int) -> list[tuple[str, 
         text = f"{detail}; {summary}"
         if (good or elsewhere) and kind in REPAIR_HINTS:
             text += f"; {REPAIR_HINTS[kind]}"
+        elif kind in REPAIR_HINTS:
+            text += f"; {NO_COPY_HINT}"
         outcomes.append((kind, text, member.name))
     return outcomes

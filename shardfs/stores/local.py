@@ -2,6 +2,7 @@
 
 import errno
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -142,6 +143,13 @@ class LocalStore:
             os.unlink(self._path(key))
         except FileNotFoundError:
             pass
+        except IsADirectoryError:
+            # An empty directory in an object's place is removed. One with
+            # files in it is left for the user, and the error names it.
+            try:
+                os.rmdir(self._path(key))
+            except OSError as exc:
+                raise self._error(exc, key) from None
         except OSError as exc:
             raise self._error(exc, key) from None
 
@@ -157,7 +165,11 @@ class LocalStore:
         for directory, subdirs, files in os.walk(base):
             subdirs.sort()
             relative = os.path.relpath(directory, self.root)
-            for name in sorted(files):
+            # A directory with a manifest's name is listed as the object it
+            # displaces, so that reading it fails instead of the model
+            # silently vanishing (and gc deleting its chunks).
+            names = files + [name for name in subdirs if _MANIFEST_NAME_RE.fullmatch(name)]
+            for name in sorted(names):
                 if name.startswith(".tmp-"):
                     continue
                 path = name if relative == "." else f"{relative}/{name}"
@@ -199,6 +211,11 @@ class LocalStore:
         if exc.errno in (errno.EACCES, errno.EPERM):
             return StoreAccessDenied(self.url, f"{key}: {exc.strerror}")
         return StoreError(f"store {self.url}: {key}: {exc.strerror}")
+
+
+# The file names of manifests: current ones, and retired copies
+# (`shardfs.publish.retire`).
+_MANIFEST_NAME_RE = re.compile(r"manifest\.json|\d+-[0-9a-f]{8}\.json")
 
 
 def _file_type(mode: int) -> str:
