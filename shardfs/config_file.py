@@ -125,14 +125,18 @@ def _store_values(value: Any, from_text: bool) -> list[str]:
             "expected one store, or two or more member stores, each "
             "URL[,endpoint=http://HOST:PORT][,weight=N][,id=NAME]"
         )
-    # The daemon runs in /, so local member paths are made absolute here.
-    return [_absolute_member(item) for item in values]
+    # The daemon runs in /, so local member paths from the command line are
+    # made absolute here. In a file, a relative path would depend on the
+    # directory the mount was started from, so it is an error, as for _path.
+    return [_absolute_member(item, from_text) for item in values]
 
 
-def _absolute_member(value: str) -> str:
+def _absolute_member(value: str, from_text: bool) -> str:
     url, comma, options = value.partition(",")
     if "://" in url:
         return value
+    if not from_text and not os.path.isabs(url):
+        raise ValueError(f"expected an absolute path or a URL, not {url!r}")
     return os.path.abspath(url) + comma + options
 
 
@@ -295,8 +299,12 @@ def read_config_file(path: str | None) -> dict[str, SettingValue]:
     explicit = path is not None
     path = os.path.abspath(path) if explicit else DEFAULT_CONFIG_PATH
     try:
-        with open(path, "rb") as file:
-            _check_ownership(path, os.fstat(file.fileno()))
+        # O_NONBLOCK keeps a FIFO in the file's place from blocking the open.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise UsageError(f"config file {path} is not a regular file")
+            _check_ownership(path, info)
             document = tomllib.load(file)
     except FileNotFoundError:
         if explicit:

@@ -190,6 +190,13 @@ def test_directory_as_file_rejected(tmp_path):
         config_file.read_config_file(str(tmp_path))
 
 
+def test_fifo_as_file_rejected(tmp_path):
+    path = tmp_path / "config.toml"
+    os.mkfifo(path)
+    with pytest.raises(UsageError, match="config file .* is not a regular file"):
+        config_file.read_config_file(str(path))
+
+
 def test_invalid_toml_rejected(tmp_path):
     path = write_config(tmp_path, "store = \n")
     expected = f"invalid TOML in config file {re.escape(path)}: .*line 1"
@@ -377,6 +384,10 @@ BAD_STORES = {
     "store-argument-and-store-flag": (
         None, ["--store", "/srv/b", "/srv/a", "/mnt/m"],
         "store given twice, as STORE '/srv/a' and as --store; give one of them",
+    ),
+    "stores-key-relative-path": (
+        'stores = ["/srv/a", "srv/b"]\n', ["/mnt/m"],
+        "invalid stores = [...] in CONFIG: expected an absolute path or a URL, not 'srv/b'",
     ),
     "stores-key-listed-twice": (
         'stores = ["/srv/a", "/srv/a/"]\n', ["/mnt/m"],
