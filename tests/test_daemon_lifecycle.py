@@ -155,6 +155,25 @@ def test_mount_clears_stale_mount_of_killed_daemon(tiny_store, tiny_source, tmp_
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
 
 
+def test_mount_rejects_cache_dir_in_use(tiny_store, tmp_path):
+    cache = tmp_path / "shared-cache"
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    result = run_shardfs("mount", "--cache-dir", str(cache), tiny_store, str(first))
+    assert result.returncode == 0, result.stderr
+    try:
+        again = run_shardfs("mount", "--cache-dir", str(cache), tiny_store, str(second))
+        log_text = (cache / "daemon.log").read_text()
+    finally:
+        run_shardfs("unmount", str(first))
+    assert wait_unmounted(str(first))
+    assert again.returncode == 2
+    assert "is in use by another mount" in again.stderr
+    assert "in use by another mount" not in log_text
+    assert not os.path.ismount(second)
+
+
 def test_mount_rejects_other_filesystem_mounted(tiny_store, tmp_path):
     store = tiny_store
     with mounted(store, str(tmp_path / "mnt")):

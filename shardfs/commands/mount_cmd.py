@@ -21,6 +21,7 @@ from shardfs import config_file
 from shardfs.config import MiB, MountConfig, RetryConfig, StoreConfig, default_cache_dir
 from shardfs.config_file import SETTINGS, SettingValue
 from shardfs.errors import ShardfsError, UsageError
+from shardfs.mount.disk_cache import DiskCache
 from shardfs.mount.mount_table import SHARDFS_TYPE, mount_at
 from shardfs.stores import LocalStore, open_store
 from shardfs.stores.placed import PlacedStore
@@ -315,6 +316,9 @@ def _start_daemon(config: MountConfig, arguments: list[str]) -> int:
     # Cheap checks first, so the common mistakes fail here and not in the log.
     check_mountpoint(config.mountpoint)
     log_path = _open_log_dir(config.cache_dir)
+    # A second daemon on the directory would fail, after logging to the log
+    # of the mount that uses it.
+    DiskCache(config.cache_dir, 0).check_free()
 
     read_fd, write_fd = os.pipe()
     command = [sys.executable, "-m", "shardfs", "--log-level", "INFO", "mount", *arguments]

@@ -103,6 +103,19 @@ class DiskCache:
                 "give each mount its own --cache-dir"
             ) from None
 
+    def check_free(self) -> None:
+        """Raise `UsageError` if another daemon holds the directory's lock.
+
+        Takes the lock and releases it at once, so a mount in use is
+        reported before a new daemon starts.
+        """
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            self._lock_directory()
+        except OSError as exc:
+            raise UsageError(f"cannot lock cache directory {self.directory!r}: {exc.strerror}") from None
+        self.close()
+
     def close(self) -> None:
         """Release the directory lock; the index stays usable for reads."""
         if self._lock_fd is not None:
