@@ -11,6 +11,7 @@ flag and the value as written.
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import stat
@@ -75,8 +76,9 @@ def _toml_literal(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+        # Every escape json.dumps writes is also a TOML escape, and escapes
+        # keep control characters such as NUL or a newline out of a message.
+        return json.dumps(value, ensure_ascii=False)
     if isinstance(value, dict):
         return "{...}"
     if isinstance(value, list):
@@ -91,11 +93,15 @@ def _toml_literal(value: Any) -> str:
 def _string(value: Any, from_text: bool) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("expected a non-empty string")
+    if "\0" in value:
+        raise ValueError("expected a string without NUL characters")
     return value
 
 
 def _path(value: Any, from_text: bool) -> str:
     text = _string(value, from_text)
+    if "://" in text:
+        raise ValueError("expected a path, not a URL")
     if from_text:
         return os.path.abspath(text)
     if not os.path.isabs(text):
@@ -146,12 +152,15 @@ def _boolean(value: Any, from_text: bool) -> bool:
     return value
 
 
-def _count(minimum: int) -> Callable[[Any, bool], int]:
+def _count(minimum: int, maximum: int | None = None) -> Callable[[Any, bool], int]:
     def parse(value: Any, from_text: bool) -> int:
         if from_text and isinstance(value, str) and value.strip().isdigit():
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"expected a whole number of at least {minimum}")
+        too_large = maximum is not None and isinstance(value, int) and value > maximum
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum or too_large:
+            if maximum is None:
+                raise ValueError(f"expected a whole number of at least {minimum}")
+            raise ValueError(f"expected a whole number from {minimum} to {maximum}")
         return value
 
     return parse
@@ -276,8 +285,9 @@ SETTINGS: dict[str, Setting] = {
         Setting("allow_other", _boolean, "--allow-other"),
         # The global ``shardfs --log-level`` already stores to log_level.
         Setting("log_level", _log_level, "--log-level", "mount_log_level"),
-        Setting("read_ahead_kb", _count(0), "--read-ahead-kb"),
-        Setting("max_background", _count(0), "--max-background"),
+        # 1 GiB of read-ahead, and the 16-bit field of FUSE's init reply.
+        Setting("read_ahead_kb", _count(0, 1024 * 1024), "--read-ahead-kb"),
+        Setting("max_background", _count(0, 65535), "--max-background"),
         Setting("prefetch.enabled", _boolean, "--prefetch"),
         Setting("prefetch.initial_chunks", _count(1)),
         Setting("prefetch.max_chunks", _count(1)),

@@ -91,6 +91,59 @@ def test_mount_rejects_cache_dir_overlap(tiny_store, tmp_path, cache, message, f
     assert run_shardfs("verify", tiny_store).returncode == 0
 
 
+def test_mount_rejects_bind_mount_of_store_as_cache(tiny_store, tmp_path):
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    bound = tmp_path / "bound"
+    bound.mkdir()
+    subprocess.run(["mount", "--bind", tiny_store, str(bound)], check=True)
+    try:
+        for cache in (bound, bound / "chunks"):
+            result = run_shardfs("mount", "--cache-dir", str(cache), tiny_store, str(mountpoint))
+            assert result.returncode == 2, result.stderr
+            assert "overlaps the store" in result.stderr
+    finally:
+        subprocess.run(["umount", str(bound)], check=True)
+    assert run_shardfs("verify", tiny_store).returncode == 0
+
+
+def test_mount_rejects_other_store_or_cache_as_cache(tiny_store, tiny_source, tmp_path):
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    other_store = str(tmp_path / "other-store")
+    assert run_shardfs("push", "--store", other_store, str(tiny_source), "org/other").returncode == 0
+    other_cache = tmp_path / "other-cache"
+    with mounted(tiny_store, str(tmp_path / "first")) as first:
+        first_cache = f"{first.path}.cache"
+        cases = [
+            (other_store, "is a shardfs store"),
+            (os.path.join(other_store, "tmp"), "which is a shardfs cache or store"),
+            (os.path.join(first_cache, "tmp"), "which is a shardfs cache or store"),
+            (os.path.join(first_cache, "chunks", "ab"), "which is a shardfs cache or store"),
+            (f"file://{other_cache}", "expected a path, not a URL"),
+        ]
+        for cache, message in cases:
+            result = run_shardfs(
+                "mount", "--cache-dir", cache, tiny_store, str(mountpoint), cwd=tmp_path
+            )
+            assert result.returncode == 2, (cache, result.stderr)
+            assert message in result.stderr, cache
+    assert run_shardfs("verify", other_store).returncode == 0
+    assert not (tmp_path / "file:").exists()
+
+
+def test_mount_rejects_mountpoint_inside_store(tiny_store, tmp_path):
+    mountpoint = os.path.join(tiny_store, "models", "mnt")
+    os.mkdir(mountpoint)
+    try:
+        result = run_shardfs("mount", "--cache-dir", str(tmp_path / "cache"), tiny_store, mountpoint)
+    finally:
+        os.rmdir(mountpoint)
+    assert result.returncode == 2
+    assert "overlaps the store" in result.stderr
+    assert not os.path.ismount(mountpoint)
+
+
 def test_mount_rejects_store_inside_cache_dir(tiny_store, tmp_path):
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()

@@ -164,3 +164,24 @@ def test_store_down_at_start_serves_last_listing(tmp_path, s3_store, moto_endpoi
         mount.expect_log("store is unreachable, serving 1 model from the last listing")
         with open(os.path.join(mount.path, "org/m/w.bin"), "rb") as file:
             assert file.read() == content
+
+
+@needs_fuse
+def test_last_listing_not_served_for_other_store(tmp_path, local_store):
+    source = tmp_path / "w.bin"
+    source.write_bytes(b"weights")
+    _push(local_store, source, "org/m")
+    mountpoint = str(tmp_path / "mnt")
+    with mounted(local_store, mountpoint) as mount:
+        assert os.path.exists(os.path.join(mount.path, "org/m/w.bin"))
+
+    # The same cache directory, for another store that is unreachable.
+    closed_port = f"http://127.0.0.1:{free_port()}"
+    result = run_shardfs(
+        "mount", "--foreground", "--cache-dir", f"{mountpoint}.cache", "--read-timeout", "2",
+        "--endpoint-url", closed_port, "s3://other-bucket/models", mountpoint, timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "unreachable" in result.stderr
+    assert not os.path.ismount(mountpoint)
+

@@ -425,6 +425,29 @@ def test_manifest_replaced_by_directory(two_models):
     assert not os.path.exists(path)
 
 
+@pytest.mark.parametrize(
+    "link, reason",
+    [("dangling", "a symbolic link to a missing file"), ("loop", "a symbolic link loop")],
+)
+def test_manifest_replaced_by_bad_link(two_models, tmp_path, link, reason):
+    path = os.path.join(two_models.root, manifest_object_key("org/a"))
+    os.unlink(path)
+    os.symlink(path if link == "loop" else os.path.join(two_models.root, "gone"), path)
+    count = len(stored_chunks(two_models))
+
+    listed = run_shardfs("ls", two_models.root)
+    assert listed.returncode == 1
+    assert f"org/a\tinvalid: it is {reason}" in listed.stdout
+    collected = run_shardfs("gc", "--grace", "0", two_models.root)
+    assert collected.returncode == 1
+    assert "gc stopped before deleting anything" in collected.stderr
+    assert len(stored_chunks(two_models)) == count
+
+    push(two_models.root, tmp_path / "a" / "model.safetensors", "org/a")
+    assert not os.path.islink(path)
+    assert run_shardfs("verify", two_models.root).returncode == 0
+
+
 def test_gc_leaves_unknown_objects(two_models):
     two_models.put("chunks/zz/notes.txt", b"operator notes")
     collect_garbage(two_models, grace_s=0)
@@ -487,6 +510,24 @@ def test_maintenance_store_is_a_file(tmp_path, command):
         f"shardfs: error: store not found: {path}: it exists and is not a directory"
     )
     assert path.read_bytes() == b"not a store"
+
+
+@pytest.mark.parametrize("command", [("ls",), ("gc", "--dry-run"), ("verify",)])
+def test_closed_output_is_quiet(two_models, command):
+    # The reader end is closed before the command starts, so every write fails.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            shardfs_command(command[0], two_models.root, *command[1:]),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert result.stderr == b""
+    assert result.returncode == 141
 
 
 def test_maintenance_unreachable_s3():

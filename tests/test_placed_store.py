@@ -762,6 +762,28 @@ def placement_of(store: PlacedStore, key: str) -> set[int]:
     return {member.index for member in store.placement(key)}
 
 
+@pytest.mark.parametrize("command", ["push", "gc", "verify", "mount"])
+def test_nested_members_rejected(tmp_path, command):
+    outer = tmp_path / "outer"
+    inner = outer / "retired"
+    inner.mkdir(parents=True)
+    arguments = store_arguments([str(outer), str(inner)])
+    if command == "push":
+        source = tmp_path / "w.bin"
+        source.write_bytes(b"weights")
+        arguments += [str(source), "org/m"]
+    elif command == "mount":
+        (tmp_path / "mnt").mkdir()
+        arguments += ["--cache-dir", str(tmp_path / "cache"), str(tmp_path / "mnt")]
+    result = run_shardfs(command, *arguments, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"shardfs: error: store members {outer} and {inner} overlap; give each member a "
+        "directory of its own"
+    )
+    assert os.listdir(inner) == []
+
+
 def test_push_and_gc_local_members(tmp_path):
     values = local_members(tmp_path, 3)
     push_new_model(values, tmp_path, 1)

@@ -7,6 +7,7 @@ follows mount(8)'s.
 """
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -52,10 +53,18 @@ def run_with_exit_status(
 
     A `UsageError` returns *exit_usage*, any other `ShardfsError`
     *exit_failed*, KeyboardInterrupt *exit_interrupted* and `Terminated`
-    143, each after a one-line message on stderr. Other exceptions propagate.
+    143, each after a one-line message on stderr. A closed standard output
+    returns 141 quietly, as SIGPIPE would. Other exceptions propagate.
     """
     try:
-        return run() or 0
+        status = run() or 0
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # The reader of the output went away, as with `shardfs ls | head -1`.
+        # Later writes, and the flush at exit, go nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except UsageError as exc:
         print(f"shardfs: error: {exc}", file=sys.stderr)
         return exit_usage

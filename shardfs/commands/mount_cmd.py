@@ -17,7 +17,7 @@ import subprocess
 import sys
 from typing import Any
 
-from shardfs import config_file
+from shardfs import config_file, paths
 from shardfs.config import MiB, MountConfig, RetryConfig, StoreConfig, default_cache_dir
 from shardfs.config_file import SETTINGS, SettingValue
 from shardfs.errors import ShardfsError, UsageError
@@ -369,36 +369,60 @@ def _read_until_closed(pipe, timeout_s: float) -> bytes | None:
 
 
 def _check_cache_dir(config: MountConfig, store) -> None:
-    """Raise `UsageError` if the cache directory is a file, or overlaps the
-    mountpoint or a local store.
+    """Raise `UsageError` unless the cache directory, the mountpoint and the
+    local stores are apart from each other and from other caches and stores.
 
     The cache deletes files it does not know at start, so sharing a
-    directory with a store would delete stored chunks.
+    directory with a store would delete stored chunks, and a mount inside
+    a store would list itself.
     """
     cache_dir = config.cache_dir
     if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
         raise UsageError(f"cache directory {cache_dir!r} exists and is not a directory")
-    cache = os.path.realpath(cache_dir)
-    if _is_within(cache, os.path.realpath(config.mountpoint)):
+    own = "give the cache a directory of its own"
+    if paths.is_within(cache_dir, config.mountpoint):
         raise UsageError(
-            f"cache directory {cache_dir!r} is inside the mountpoint {config.mountpoint!r}; "
-            "give the cache a directory of its own"
+            f"cache directory {cache_dir!r} is inside the mountpoint {config.mountpoint!r}; {own}"
         )
     members = store.members if isinstance(store, PlacedStore) else []
-    stores = [member.store for member in members] or [store]
-    for local in stores:
+    for local in [member.store for member in members] or [store]:
         if not isinstance(local, LocalStore):
             continue
-        root = os.path.realpath(local.root)
-        if _is_within(cache, root) or _is_within(root, cache):
+        if paths.overlap(cache_dir, local.root):
+            raise UsageError(f"cache directory {cache_dir!r} overlaps the store {local.root!r}; {own}")
+        if paths.overlap(config.mountpoint, local.root):
             raise UsageError(
-                f"cache directory {cache_dir!r} overlaps the store {local.root!r}; "
-                "give the cache a directory of its own"
+                f"mountpoint {config.mountpoint!r} overlaps the store {local.root!r}; "
+                "mount outside the store"
             )
+    if _is_store_layout(cache_dir):
+        raise UsageError(f"cache directory {cache_dir!r} is a shardfs store; {own}")
+    outer = _enclosing_cache_or_store(cache_dir)
+    if outer is not None:
+        raise UsageError(
+            f"cache directory {cache_dir!r} is inside {outer!r}, which is a shardfs "
+            f"cache or store; {own}"
+        )
 
 
-def _is_within(path: str, directory: str) -> bool:
-    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+def _enclosing_cache_or_store(cache_dir: str) -> str | None:
+    """Return the nearest directory above *cache_dir* laid out as a mount's
+    cache (a lock file and chunks/) or as a store (models/ and chunks/), if any."""
+    current = os.path.realpath(cache_dir)
+    while True:
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current = parent
+        is_cache = os.path.isfile(os.path.join(current, "lock")) and os.path.isdir(
+            os.path.join(current, "chunks")
+        )
+        if is_cache or _is_store_layout(current):
+            return current
+
+
+def _is_store_layout(directory: str) -> bool:
+    return all(os.path.isdir(os.path.join(directory, name)) for name in ("models", "chunks"))
 
 
 def _open_log_dir(cache_dir: str) -> str:

@@ -192,7 +192,7 @@ def serve(store_config: StoreConfig, config: MountConfig, on_ready=None) -> None
     notifier = Notifier.from_environment()
     check_mountpoint(config.mountpoint)
     store = open_store(store_config)
-    copy = ManifestCopy(os.path.join(config.cache_dir, "manifests"))
+    copy = ManifestCopy(os.path.join(config.cache_dir, "manifests"), store.url)
     os.makedirs(config.cache_dir, mode=0o700, exist_ok=True)
     tree = Tree()
     listing = ListingState()

@@ -69,11 +69,22 @@ def _get_manifest(store: Store, name: str) -> bytes:
     raise AssertionError("unreachable")
 
 
-class ManifestCopy:
-    """The last good listing, kept as files under *directory*; methods block."""
+# The file in a listing copy that names its store; no model has this name,
+# as model names start with a letter or digit.
+_STORE_FILE = ".store-url"
 
-    def __init__(self, directory: str):
+
+class ManifestCopy:
+    """The last good listing of the store *store_url*, kept as files under
+    *directory*; methods block.
+
+    The copy records its store, so a cache directory reused for another
+    store does not serve the first store's models.
+    """
+
+    def __init__(self, directory: str, store_url: str):
         self.directory = directory
+        self.store_url = store_url
 
     def save(self, manifests: dict[str, bytes]) -> None:
         try:
@@ -82,6 +93,8 @@ class ManifestCopy:
             log.warning("cannot keep a copy of the model listing: %s", exc)
             return
         try:
+            with open(os.path.join(temp_dir, _STORE_FILE), "w") as file:
+                file.write(self.store_url)
             for name, data in manifests.items():
                 path = os.path.join(temp_dir, name, "manifest.json")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -98,7 +111,12 @@ class ManifestCopy:
             log.warning("cannot keep a copy of the model listing: %s", exc)
 
     def exists(self) -> bool:
-        return os.path.isdir(self.directory)
+        """Return whether a copy of this store's listing is kept."""
+        try:
+            with open(os.path.join(self.directory, _STORE_FILE)) as file:
+                return file.read() == self.store_url
+        except OSError:
+            return False
 
     def load(self) -> dict[str, bytes]:
         manifests = {}

@@ -266,13 +266,13 @@ class _ChunkUploader:
         The header is always checked against the chunk. With
         ``check_existing`` the whole object is fetched and decoded too.
         """
-        size = self._store.head(object_key)
-        if size is None:
-            return None
-        if self._config.check_existing and isinstance(self._store, PlacedStore):
-            if not self._drop_bad_copies(key, object_key, length):
-                return None
         try:
+            size = self._store.head(object_key)
+            if size is None:
+                return None
+            if self._config.check_existing and isinstance(self._store, PlacedStore):
+                if not self._drop_bad_copies(key, object_key, length):
+                    return None
             if self._config.check_existing:
                 head = self._store.get(object_key)
                 size = len(head)

@@ -59,7 +59,12 @@ def remove_model(store: Store, name: str) -> str | None:
     until `shardfs gc` finds them unnamed and past its grace period.
     """
     store.check()
-    if store.head(manifest_object_key(name)) is None:
+    try:
+        exists = store.head(manifest_object_key(name)) is not None
+    except ObjectInvalid:
+        # Damaged, such as a symbolic link loop: removing it is the fix.
+        exists = True
+    if not exists:
         raise ModelNotFound(name, store.url)
     retired = retire_manifest(store, name)
     store.delete(manifest_object_key(name))

@@ -2,6 +2,7 @@
 
 import urllib.parse
 
+from shardfs import paths
 from shardfs.config import StoreConfig
 from shardfs.errors import UsageError
 from shardfs.stores.base import Store, list_models
@@ -15,6 +16,7 @@ def open_store(config: StoreConfig | PlacedStoreConfig) -> Store:
     """Return the store that *config* names; nothing is contacted yet."""
     if isinstance(config, PlacedStoreConfig):
         stores = [open_store(member.store) for member in config.members]
+        _check_members_apart(stores)
         return PlacedStore(config, stores)
     url = config.url
     if url.startswith("s3://"):
@@ -38,3 +40,19 @@ def open_store(config: StoreConfig | PlacedStoreConfig) -> Store:
     if not url:
         raise UsageError("invalid store URL '': expected a path or URL")
     return LocalStore(url)
+
+
+def _check_members_apart(stores: list[Store]) -> None:
+    """Raise `UsageError` if one local member's directory is inside another's.
+
+    gc and repair on one member would then delete the other's objects.
+    """
+    local = [store for store in stores if isinstance(store, LocalStore)]
+    for index, first in enumerate(local):
+        for second in local[index + 1 :]:
+            if paths.overlap(first.root, second.root):
+                raise UsageError(
+                    f"store members {first.url} and {second.url} overlap; give each "
+                    "member a directory of its own"
+                )
+

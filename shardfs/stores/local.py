@@ -91,6 +91,8 @@ class LocalStore:
         try:
             return os.stat(self._path(key)).st_size
         except FileNotFoundError:
+            if os.path.islink(self._path(key)):
+                raise ObjectInvalid(self.url, key, "it is a symbolic link to a missing file") from None
             return None
         except OSError as exc:
             raise self._error(exc, key) from None
@@ -207,7 +209,13 @@ class LocalStore:
             # a missing object, so a placed store marks the member failed.
             if not os.path.isdir(self.root):
                 return StoreNotFound(self.url, "no such directory")
+            # A link to nothing is damage to be reported, not a missing object
+            # that gc and push may take as removed.
+            if os.path.islink(self._path(key)):
+                return ObjectInvalid(self.url, key, "it is a symbolic link to a missing file")
             return ObjectNotFound(key)
+        if exc.errno == errno.ELOOP:
+            return ObjectInvalid(self.url, key, "it is a symbolic link loop")
         if exc.errno in (errno.EACCES, errno.EPERM):
             return StoreAccessDenied(self.url, f"{key}: {exc.strerror}")
         return StoreError(f"store {self.url}: {key}: {exc.strerror}")
