@@ -448,6 +448,52 @@ def test_manifest_replaced_by_bad_link(two_models, tmp_path, link, reason):
     assert run_shardfs("verify", two_models.root).returncode == 0
 
 
+def test_linked_model_directory_changes_nothing(two_models, tmp_path):
+    os.symlink("a", os.path.join(two_models.root, "models", "org", "c"))
+    target = os.path.join(two_models.root, manifest_object_key("org/a"))
+    with open(target, "rb") as file:
+        before = file.read()
+
+    listed = run_shardfs("ls", two_models.root)
+    assert "skipping models/org/c in store" in listed.stderr
+    assert "it is a symbolic link to a directory" in listed.stderr
+    removed = run_shardfs("rm", two_models.root, "org/c")
+    assert removed.returncode == 1
+    assert "models/org/c is a symbolic link; remove it from the store" in removed.stderr
+    source = tmp_path / "a" / "model.safetensors"
+    pushed = run_shardfs("push", "--store", two_models.root, str(source), "org/c")
+    assert pushed.returncode == 1
+    assert "models/org/c is a symbolic link" in pushed.stderr
+
+    with open(target, "rb") as file:
+        assert file.read() == before
+    assert run_shardfs("verify", two_models.root, "org/a").returncode == 0
+
+
+def test_cache_directory_is_not_a_store(two_models, tmp_path):
+    cache = tmp_path / "cache"
+    for name in ("chunks", "tmp", "manifests"):
+        (cache / name).mkdir(parents=True)
+    (cache / "lock").write_bytes(b"")
+    for command in (("ls",), ("gc",), ("verify",), ("rm", "org/a")):
+        result = run_shardfs(command[0], str(cache), *command[1:])
+        assert result.returncode == 1, command
+        assert "is a mount's cache directory, not a shardfs store" in result.stderr
+    source = tmp_path / "a" / "model.safetensors"
+    pushed = run_shardfs("push", "--store", str(cache), str(source), "org/a")
+    assert pushed.returncode == 1
+    assert sorted(os.listdir(cache)) == ["chunks", "lock", "manifests", "tmp"]
+
+
+def test_full_output_is_one_line(two_models):
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            shardfs_command("ls", two_models.root), stdout=full, stderr=subprocess.PIPE, timeout=60
+        )
+    assert result.returncode == 1
+    assert result.stderr.decode().strip() == "shardfs: error: No space left on device"
+
+
 def test_gc_leaves_unknown_objects(two_models):
     two_models.put("chunks/zz/notes.txt", b"operator notes")
     collect_garbage(two_models, grace_s=0)

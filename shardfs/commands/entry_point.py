@@ -53,12 +53,14 @@ def run_with_exit_status(
 
     A `UsageError` returns *exit_usage*, any other `ShardfsError`
     *exit_failed*, KeyboardInterrupt *exit_interrupted* and `Terminated`
-    143, each after a one-line message on stderr. A closed standard output
-    returns 141 quietly, as SIGPIPE would. Other exceptions propagate.
+    143, and any other OSError *exit_failed*, each after a one-line message
+    on stderr. A closed standard output returns 141 quietly, as SIGPIPE
+    would. Other exceptions propagate.
     """
     try:
         status = run() or 0
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            sys.stdout.flush()
         return status
     except BrokenPipeError:
         # The reader of the output went away, as with `shardfs ls | head -1`.
@@ -77,3 +79,11 @@ def run_with_exit_status(
     except KeyboardInterrupt:
         print("shardfs: interrupted", file=sys.stderr)
         return exit_interrupted
+    except OSError as exc:
+        # Commands turn the failures they expect into ShardfsError; what is
+        # left is mostly writing the output (a full disk), and it gets one
+        # line too. Output still buffered is dropped.
+        if sys.stdout is not None:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"shardfs: error: {exc.strerror or exc}", file=sys.stderr)
+        return exit_failed

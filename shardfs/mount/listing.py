@@ -78,8 +78,10 @@ class ManifestCopy:
     """The last good listing of the store *store_url*, kept as files under
     *directory*; methods block.
 
-    The copy records its store, so a cache directory reused for another
-    store does not serve the first store's models.
+    The copy records its store's URL, so a cache directory reused for
+    another store does not serve the first store's models. The same bucket
+    and prefix behind another endpoint count as the same store, since a
+    store that moved or is down looks just like that.
     """
 
     def __init__(self, directory: str, store_url: str):

@@ -1,6 +1,7 @@
 """A store in a local directory, for a single host or a shared filesystem."""
 
 import errno
+import logging
 import os
 import re
 import stat
@@ -18,6 +19,8 @@ from shardfs.stores.base import ObjectInfo
 
 
 # The top-level directories of a store; see `shardfs.stores.base`.
+log = logging.getLogger(__name__)
+
 STORE_DIRS = {"models", "chunks", "retired"}
 
 
@@ -29,6 +32,22 @@ class LocalStore:
     def _path(self, key: str) -> str:
         return os.path.join(self.root, key)
 
+    def _check_no_links(self, key: str) -> None:
+        """Raise `ObjectInvalid` if a directory between the root and *key* is a
+        symbolic link.
+
+        A write or delete through a linked model directory would change
+        another model's objects, and the listing does not follow such links.
+        """
+        parts = key.split("/")[:-1]
+        # The top directories (models/, chunks/) may be links to other disks.
+        for depth in range(2, len(parts) + 1):
+            directory = "/".join(parts[:depth])
+            if os.path.islink(self._path(directory)):
+                raise ObjectInvalid(
+                    self.url, key, f"{directory} is a symbolic link; remove it from the store"
+                )
+
     def check(self) -> None:
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise StoreNotFound(self.url, "it exists and is not a directory")
@@ -39,6 +58,11 @@ class LocalStore:
         # A directory with other files and no store layout is most likely a
         # wrong path; treating it as an empty store would hide the mistake.
         entries = set(os.listdir(self.root))
+        # A mount's cache has chunks/ too, of decoded chunks, with its lock.
+        if {"lock", "tmp", "chunks"} <= entries:
+            raise StoreNotFound(
+                self.url, "the directory is a mount's cache directory, not a shardfs store"
+            )
         if entries and not entries & STORE_DIRS:
             raise StoreNotFound(
                 self.url, "the directory is not a shardfs store (no models/ or chunks/ in it)"
@@ -98,6 +122,7 @@ class LocalStore:
             raise self._error(exc, key) from None
 
     def put(self, key: str, data: bytes) -> None:
+        self._check_no_links(key)
         path = self._path(key)
         directory = os.path.dirname(path)
         try:
@@ -135,12 +160,14 @@ class LocalStore:
         return ObjectInfo(key, info.st_size, info.st_mtime)
 
     def touch(self, key: str) -> None:
+        self._check_no_links(key)
         try:
             os.utime(self._path(key))
         except OSError as exc:
             raise self._error(exc, key) from None
 
     def delete(self, key: str) -> None:
+        self._check_no_links(key)
         try:
             os.unlink(self._path(key))
         except FileNotFoundError:
@@ -171,6 +198,14 @@ class LocalStore:
             # displaces, so that reading it fails instead of the model
             # silently vanishing (and gc deleting its chunks).
             names = files + [name for name in subdirs if _MANIFEST_NAME_RE.fullmatch(name)]
+            for name in subdirs:
+                if relative != "." and os.path.islink(os.path.join(directory, name)):
+                    log.warning(
+                        "skipping %s/%s in store %s: it is a symbolic link to a directory",
+                        relative,
+                        name,
+                        self.url,
+                    )
             for name in sorted(names):
                 if name.startswith(".tmp-"):
                     continue
