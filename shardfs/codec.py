@@ -261,6 +261,44 @@ def parse_header(key: str, data: bytes) -> ChunkHeader:
     return ChunkHeader(codec_name, transform_name, length)
 
 
+# Bytes at the start of a stored object that `stored_size` needs at most:
+# the header and the stream table of a 4-stream split payload.
+SIZED_HEAD_LENGTH = HEADER_SIZE + _SPLIT_PREFIX.size + 4 * _STREAM_ENTRY.size
+
+
+def stored_size(key: str, head: bytes) -> int | None:
+    """Return the size that the object starting with *head* must have.
+
+    *head* is the first `SIZED_HEAD_LENGTH` bytes of the object, or the
+    whole object if it is shorter. A raw or split object gives its size in
+    its header and stream table. A zstd frame does not, so the result is
+    None. Raises `ChunkCorrupt` for a damaged head and
+    `ChunkEncodingUnknown` for an encoding this version does not define.
+    """
+    header = parse_header(key, head)
+    if header.codec == "raw":
+        return HEADER_SIZE + header.length
+    if header.codec == "zstd":
+        return None
+    size = TRANSFORMS[header.transform].element_size
+    table_size = _SPLIT_PREFIX.size + size * _STREAM_ENTRY.size
+    if len(head) < HEADER_SIZE + table_size:
+        raise ChunkCorrupt(key, "object is shorter than its stream table")
+    (prefix,) = _SPLIT_PREFIX.unpack_from(head, HEADER_SIZE)
+    if prefix > header.length:
+        raise ChunkCorrupt(key, f"prefix of {prefix} bytes is longer than the chunk")
+    count = (header.length - prefix) // size
+    total = HEADER_SIZE + table_size + prefix + (header.length - prefix - count * size)
+    for index in range(size):
+        stream_codec, _, stored = _STREAM_ENTRY.unpack_from(
+            head, HEADER_SIZE + _SPLIT_PREFIX.size + index * _STREAM_ENTRY.size
+        )
+        if stream_codec == CODEC_IDS["raw"] and stored != count:
+            raise ChunkCorrupt(key, f"raw stream {index} has {stored} bytes, expected {count}")
+        total += stored
+    return total
+
+
 def decode(key: str, expected_length: int, data: bytes) -> bytes:
     """Decode the stored object *data* and verify it against *key*.
 

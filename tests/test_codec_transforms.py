@@ -78,6 +78,24 @@ def test_round_trip_every_encoding(codec_name, transform, dtype):
             assert decoded == data, (length, element_offset)
 
 
+@pytest.mark.parametrize("codec_name, transform", ENCODINGS)
+def test_stored_size_from_head(codec_name, transform):
+    for length in LENGTHS:
+        data = tensor_bytes(torch.bfloat16, length, seed=length)
+        for element_offset in (0, 1, 3):
+            encoded = codec.encode_as(data, codec_name, transform, element_offset=element_offset)
+            head = encoded.data[: codec.SIZED_HEAD_LENGTH]
+            expected = None if codec_name == "zstd" else len(encoded.data)
+            assert codec.stored_size(encoded.key, head) == expected, (length, element_offset)
+
+
+def test_stored_size_rejects_short_stream_table():
+    data = tensor_bytes(torch.bfloat16, 65_536)
+    encoded = codec.encode_as(data, "split", "rotl1-bytegroup2")
+    with pytest.raises(ChunkCorrupt, match="stream table"):
+        codec.stored_size(encoded.key, encoded.data[: codec.HEADER_SIZE + 4])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_encode_round_trip_with_and_without_hint(dtype):
     size = torch.empty((), dtype=dtype).element_size()

@@ -11,11 +11,13 @@ import re
 import struct
 import time
 
+import pytest
 import safetensors.torch
 import torch
 
 from conftest import run_shardfs
 from shardfs.config import PushConfig
+from shardfs.errors import UsageError
 from shardfs.publish import push as push_module
 from shardfs.publish.gc import collect_garbage
 from shardfs.publish.push import push
@@ -149,6 +151,59 @@ def test_repeated_chunk_uploaded_once(tmp_path):
     keys = [chunk.key for chunk in manifest.files[0].chunks]
     assert len(set(keys)) < len(keys)
     assert sorted(store.count_puts()) == sorted(set(keys))
+
+
+def test_repeated_file_counted_once(tmp_path, local_store):
+    source = tmp_path / "model"
+    source.mkdir()
+    data = os.urandom(3 * CHUNK)
+    for name in ("a.bin", "b.bin", "c.bin"):
+        (source / name).write_bytes(data)
+
+    result = run_shardfs(
+        "push", "--store", local_store, "--chunk-size", "64KiB", str(source), "org/copies"
+    )
+    assert result.returncode == 0, result.stderr
+    # Three files of three equal-content chunks each: three distinct chunks,
+    # stored once, none of them in the store before.
+    assert summary_counts(result.stderr) == (3, 0)
+    assert "576.0 KiB read" in result.stderr
+    stored = sum(
+        os.path.getsize(os.path.join(directory, name))
+        for directory, _, names in os.walk(os.path.join(local_store, "chunks"))
+        for name in names
+    )
+    assert f"{stored / 1024:.1f} KiB stored" in result.stderr
+
+
+@pytest.mark.parametrize("change", ["in place", "appended"])
+def test_source_changed_during_push_fails(tmp_path, monkeypatch, change):
+    store = CountingStore(str(tmp_path / "store"))
+    path = tmp_path / "model.safetensors"
+    tensors = model_tensors()
+    save(path, tensors)
+    before = push_version(store, path)
+    tensors["embed"] = tensors["embed"] + 1
+    save(path, tensors)
+    submit = push_module._ChunkUploader.submit
+    written = []
+
+    def submit_then_write(self, source, plan, data):
+        # A writer changes the file after its first chunk was read.
+        if not written:
+            with open(path, "r+b" if change == "in place" else "ab") as file:
+                file.seek(0, os.SEEK_END)
+                file.seek(file.tell() - (100 if change == "in place" else 0))
+                file.write(os.urandom(100))
+            written.append(plan)
+        return submit(self, source, plan, data)
+
+    monkeypatch.setattr(push_module._ChunkUploader, "submit", submit_then_write)
+    with pytest.raises(UsageError, match="changed while pushing"):
+        push_version(store, path)
+    # The model keeps the version pushed before.
+    manifest = store.get(manifest_object_key("org/model"))
+    assert manifest == push_module.to_json(before)
 
 
 def summary_counts(stderr: str) -> tuple[int, int]:

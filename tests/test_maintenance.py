@@ -164,22 +164,70 @@ def test_push_replaces_chunk_that_is_not_a_file(two_models, tmp_path, kind):
     assert os.path.isfile(path)
 
 
-def test_push_replaces_truncated_raw_chunk(tmp_path, local_store):
-    source = tmp_path / "noise.bin"
-    source.write_bytes(os.urandom(300_000))
-    push(local_store, source, "org/noise")
-    store = LocalStore(local_store)
-    key = sorted(chunk_keys(store, "org/noise"))[0]
-    path = os.path.join(local_store, chunk_object_key(key))
-    assert store.get_range(chunk_object_key(key), 4, 5) == bytes([codec.CODEC_IDS["raw"]])
-    size = os.path.getsize(path)
-    os.truncate(path, size - 1)
+def _source_for_codec(codec_name: str) -> bytes:
+    """Return 300,000 bytes whose chunks push stores with *codec_name*."""
+    if codec_name == "raw":
+        return os.urandom(300_000)
+    if codec_name == "zstd":
+        return b"".join(b"line %06d of a text file\n" % number for number in range(12_000))[:300_000]
+    generator = torch.Generator().manual_seed(3)
+    return (torch.randn(75_000, generator=generator) * 0.02).numpy().tobytes()
 
-    # The size of a raw chunk is known, so a plain push finds the damage.
-    push(local_store, source, "org/noise")
+
+def _chunk_with_codec(store: LocalStore, name: str, codec_name: str) -> str:
+    for key in sorted(chunk_keys(store, name)):
+        header = codec.parse_header(key, store.get(chunk_object_key(key)))
+        if header.codec == codec_name:
+            return key
+    raise AssertionError(f"no {codec_name} chunk in {name}")
+
+
+@pytest.mark.parametrize("codec_name", ["raw", "zstd", "split"])
+def test_push_replaces_truncated_chunk(tmp_path, local_store, codec_name):
+    source = tmp_path / "data.bin"
+    source.write_bytes(_source_for_codec(codec_name))
+    push(local_store, source, "org/data")
+    store = LocalStore(local_store)
+    key = _chunk_with_codec(store, "org/data", codec_name)
+    path = os.path.join(local_store, chunk_object_key(key))
+    size = os.path.getsize(path)
+    os.truncate(path, size // 2)
+
+    # A plain push finds the damage from the object's size.
+    push(local_store, source, "org/data")
     result = run_shardfs("verify", local_store)
     assert result.returncode == 0, result.stdout
     assert os.path.getsize(path) == size
+    manifest = parse_manifest("org/data", store.get(manifest_object_key("org/data")))
+    [entry] = manifest.files
+    assert {chunk.stored_length for chunk in entry.chunks if chunk.key == key} == {size}
+
+
+def test_push_keeps_zstd_chunk_of_other_size(tmp_path, local_store):
+    source = tmp_path / "data.bin"
+    data = _source_for_codec("zstd")
+    source.write_bytes(data)
+    push(local_store, source, "org/data")
+    store = LocalStore(local_store)
+    key = _chunk_with_codec(store, "org/data", "zstd")
+    [chunk] = [
+        chunk
+        for entry in parse_manifest("org/data", store.get(manifest_object_key("org/data"))).files
+        for chunk in entry.chunks
+        if chunk.key == key
+    ]
+    # Another zstd version or level writes a good copy of another size.
+    other = codec.encode_as(data[chunk.offset : chunk.offset + chunk.length], "zstd", "none", 19)
+    path = os.path.join(local_store, chunk_object_key(key))
+    assert len(other.data) != os.path.getsize(path)
+    with open(path, "wb") as file:
+        file.write(other.data)
+
+    result = run_shardfs("push", "--store", local_store, "--chunk-size", "64KiB", str(source), "org/data")
+    assert result.returncode == 0, result.stderr
+    assert " 0 B uploaded" in result.stderr
+    with open(path, "rb") as file:
+        assert file.read() == other.data
 
 
 def test_verify_reports_fifo_chunk(two_models):

@@ -63,6 +63,8 @@ class PushProgress:
         self._bar = ProgressBar(stream)
 
     def add_chunk(self, length: int, stored: int, uploaded: bool) -> None:
+        """Count the first chunk of a key in this push: read, stored, and
+        uploaded unless the store already had it."""
         self.bytes_read += length
         self.bytes_stored += stored
         self.chunks += 1
@@ -70,6 +72,12 @@ class PushProgress:
             self.bytes_uploaded += stored
         else:
             self.chunks_present += 1
+        self._draw()
+
+    def add_repeat(self, length: int) -> None:
+        """Count a chunk equal to one counted before in this push: read only,
+        since the store keeps one copy."""
+        self.bytes_read += length
         self._draw()
 
     def _draw(self, force: bool = False) -> None:

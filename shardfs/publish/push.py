@@ -56,6 +56,9 @@ class SourceFile:
     size: int
     mode: int
     mtime_ns: int
+    # (device, inode, size, mtime, ctime) when the file was listed; a push
+    # stops if the file no longer matches it after being read.
+    identity: tuple[int, int, int, int, int]
 
 
 def collect_sources(source: str) -> list[SourceFile]:
@@ -124,8 +127,17 @@ def _source_file(relative: str, abspath: str, info: os.stat_result) -> SourceFil
     if not os.access(abspath, os.R_OK):
         raise UsageError(f"cannot read {abspath!r}: permission denied")
     return SourceFile(
-        relative, abspath, info.st_size, stat.S_IMODE(info.st_mode), info.st_mtime_ns
+        relative,
+        abspath,
+        info.st_size,
+        stat.S_IMODE(info.st_mode),
+        info.st_mtime_ns,
+        _identity(info),
     )
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 class _ChunkUploader:
@@ -185,7 +197,7 @@ class _ChunkUploader:
                 return
             ref = dataclasses.replace(done.result(), offset=plan.start)
             with self._lock:
-                self._progress.add_chunk(ref.length, ref.stored_length, uploaded=False)
+                self._progress.add_repeat(ref.length)
             repeat.set_result(ref)
 
         first.add_done_callback(resolve)
@@ -196,7 +208,7 @@ class _ChunkUploader:
 
     def _store_chunk(self, source: str, plan: PlannedChunk, key: str, data: bytes) -> ChunkRef:
         object_key = chunk_object_key(key)
-        existing = self._existing_header(key, object_key, len(data))
+        existing = self._existing_header(key, object_key, data)
         if existing is not None and not self._renew(object_key):
             existing = None
         if existing is None:
@@ -259,13 +271,15 @@ class _ChunkUploader:
         return True
 
     def _existing_header(
-        self, key: str, object_key: str, length: int
+        self, key: str, object_key: str, data: bytes
     ) -> tuple[str, str, int] | None:
         """Return (codec, transform, stored length) of a good chunk already in the store.
 
-        The header is always checked against the chunk. With
-        ``check_existing`` the whole object is fetched and decoded too.
+        The object's header, and its size where the header gives it, are
+        always checked against the chunk. With ``check_existing`` the whole
+        object is fetched and decoded too.
         """
+        length = len(data)
         try:
             size = self._store.head(object_key)
             if size is None:
@@ -277,19 +291,19 @@ class _ChunkUploader:
                 head = self._store.get(object_key)
                 size = len(head)
             else:
-                head = self._store.get_range(object_key, 0, codec.HEADER_SIZE)
-        except ObjectInvalid as exc:
-            log.warning("replacing chunk object that is not a file: %s", exc)
-            return None
-        try:
+                head = self._store.get_range(object_key, 0, codec.SIZED_HEAD_LENGTH)
             header = codec.parse_header(key, head)
             if header.length != length:
                 raise ChunkCorrupt(key, f"header gives {header.length} bytes, expected {length}")
-            raw_size = codec.HEADER_SIZE + length
-            if header.codec == "raw" and size != raw_size:
-                raise ChunkCorrupt(key, f"raw object is {size} bytes, expected {raw_size}")
             if self._config.check_existing:
                 codec.decode(key, length, head)
+            else:
+                self._check_size(key, object_key, data, head, size)
+        except ObjectInvalid as exc:
+            log.warning("replacing chunk object that is not a file: %s", exc)
+            return None
+        except ObjectNotFound:
+            return None
         except ChunkEncodingUnknown as exc:
             log.info("rewriting chunk in an encoding this version knows: %s", exc)
             return None
@@ -298,6 +312,23 @@ class _ChunkUploader:
             return None
         return header.codec, header.transform, size
 
+    def _check_size(self, key: str, object_key: str, data: bytes, head: bytes, size: int) -> None:
+        """Raise `ChunkCorrupt` unless the object's *size* fits its encoding.
+
+        A raw or split object's header gives its exact size. A zstd frame
+        does not, so the chunk is compressed here as the store's copy
+        would have been. A copy of another size, as another zstd version
+        may write, is fetched and decoded once to tell it from a truncated
+        one.
+        """
+        expected = codec.stored_size(key, head)
+        if expected is not None:
+            if size != expected:
+                raise ChunkCorrupt(key, f"object is {size} bytes, its header gives {expected}")
+            return
+        encoded = codec.encode_as(data, "zstd", "none", self._config.zstd_level)
+        if size != len(encoded.data):
+            codec.decode(key, len(data), self._store.get(object_key))
 
     def _drop_bad_copies(self, key: str, object_key: str, length: int) -> bool:
         """Check each copy of a placed store's chunk, delete the bad ones, and
@@ -388,20 +419,37 @@ def _push_file(uploader: _ChunkUploader, item: SourceFile, config: PushConfig) -
     futures = []
     try:
         with open(item.abspath, "rb") as file:
+            _check_unchanged(item, os.fstat(file.fileno()))
             layout = read_layout(file.fileno(), item.size)
             for plan in plan_chunks(layout, item.size, config.chunk_size):
                 data = file.read(plan.end - plan.start)
                 if len(data) != plan.end - plan.start:
-                    raise UsageError(f"source file {item.abspath!r} changed while pushing")
+                    raise _changed(item)
                 digest.update(data)
                 futures.append(uploader.submit(item.abspath, plan, data))
             if file.read(1):
-                raise UsageError(f"source file {item.abspath!r} changed while pushing")
+                raise _changed(item)
+            # A write in place keeps the size, so only the times show it. A
+            # write within the clock tick of the file's last change before
+            # the push began would not show, but nothing else can tell.
+            _check_unchanged(item, os.fstat(file.fileno()))
     except OSError as exc:
         raise UsageError(f"cannot read {item.abspath!r}: {exc.strerror}") from None
     chunks = tuple(future.result() for future in futures)
     return FileEntry(
         item.path, item.size, item.mode, item.mtime_ns, digest.hexdigest(), chunks
+    )
+
+
+def _check_unchanged(item: SourceFile, info: os.stat_result) -> None:
+    if _identity(info) != item.identity:
+        raise _changed(item)
+
+
+def _changed(item: SourceFile) -> UsageError:
+    return UsageError(
+        f"source file {item.abspath!r} changed while pushing; "
+        "push again once nothing writes to it"
     )
 
 
