@@ -418,6 +418,26 @@ def test_read_ahead_fault_before_tensor_stays_in_it():
     assert max(wanted) == (tensor_start + 8 * MiB - 1) // MiB
 
 
+def test_read_ahead_fault_on_tensor_end_page():
+    # As traced from safe_open on a mount on an AMD EPYC host (Linux 6.18):
+    # the copy of a tensor touches its last page first. The kernel's 128 KiB
+    # read-around is centered on that page, so it reaches 64 KiB into the
+    # next tensor. Then the copy reads the tensor from its start.
+    kib = 1024
+    spans = [(0, 512)] + [(512 + i * 4 * MiB, 512 + (i + 1) * 4 * MiB) for i in range(6)]
+    state = _read_ahead(25, spans=spans)
+    tensor_start, tensor_end = spans[4]
+    end_page = tensor_end - tensor_end % 4096
+    assert list(state.on_read(end_page - 64 * kib, end_page + 64 * kib)) == []
+
+    wanted = set()
+    start_page = tensor_start - tensor_start % 4096
+    for offset in range(start_page - 64 * kib, end_page, 128 * kib):
+        wanted.update(state.on_read(offset, offset + 128 * kib))
+    assert max(wanted) == (tensor_end - 1) // MiB
+    assert min(wanted) == tensor_start // MiB + 1
+
+
 def test_read_ahead_nearby_reader_is_new_stream():
     # One reader reads tensor A and 1 MiB past it. Later another starts on
     # tensor C, past the small tensor B: a new stream, not A's stream

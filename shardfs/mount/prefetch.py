@@ -41,6 +41,9 @@ class _Stream:
     unit_end: int  # end offset of the span the stream started in
     last_end: int  # the furthest end offset of its reads
     crossed: bool = False
+    # The end of the span past unit_end, while the stream's first read
+    # left open which of the two spans the reader is in.
+    undecided_end: int | None = None
 
 
 class ReadAhead:
@@ -80,14 +83,10 @@ class ReadAhead:
         stream = self._match_stream(first, start)
 
         if stream is None:
-            # A page fault makes the kernel read around the faulting page,
-            # and its first FUSE read often ends where that page starts:
-            # up to a page before the tensor the reader wants, because
-            # tensor data is not page-aligned. So the span one page past
-            # the read's end is the one the stream is after.
-            stream = _Stream(last, 0, self._span_end(min(end + PAGE_SIZE, self._size) - 1), end)
-            self._remember(last, stream)
-        elif last > stream.last_chunk:
+            stream = self._new_stream(start, end, last)
+        elif stream.undecided_end is not None:
+            self._decide_span(stream, start)
+        if last > stream.last_chunk:
             del self._streams[stream.last_chunk]
             stream.last_chunk = last
             if end >= stream.unit_end + self._config.crossing_margin:
@@ -106,6 +105,8 @@ class ReadAhead:
 
         if not self.spans:
             limit = last + stream.window
+        elif stream.undecided_end is not None:
+            limit = last
         elif not stream.crossed:
             # The rest of the span the stream started in: the reader will
             # read it all. Kernel read-ahead that runs into the next span
@@ -116,6 +117,36 @@ class ReadAhead:
             limit = max(self._chunk_of(span_end - 1), last + stream.window)
         limit = min(limit, last + self._config.max_chunks, len(self._chunk_starts) - 1)
         return range(last + 1, limit + 1)
+
+    def _new_stream(self, start: int, end: int, last_chunk: int) -> _Stream:
+        """Start a stream at the read ``[start, end)``, which no stream continues.
+
+        A page fault makes the kernel read around the faulting page, and
+        tensor data is not page-aligned, so a first read that reaches the
+        page of a span boundary does not show which span the reader is in.
+        The kernel may end that read where the faulting page starts, up to
+        a page before the tensor the reader wants, or center it on the
+        fault, as when a reader's memcpy touches the last page of a tensor
+        first. Such a stream fetches nothing until its next read decides.
+        """
+        start_span_end = self._span_end(start)
+        next_span_end = self._span_end(min(end + PAGE_SIZE, self._size) - 1)
+        stream = _Stream(last_chunk, 0, start_span_end, end)
+        if next_span_end != start_span_end:
+            stream.undecided_end = next_span_end
+        self._remember(last_chunk, stream)
+        return stream
+
+    def _decide_span(self, stream: _Stream, start: int) -> None:
+        """Settle an undecided stream by its next read, which starts at *start*.
+
+        A read that starts on the page of the boundary or later is in the
+        later span. An earlier one keeps the stream in the earlier span.
+        """
+        boundary_page = stream.unit_end - stream.unit_end % PAGE_SIZE
+        if start >= boundary_page:
+            stream.unit_end = stream.undecided_end
+        stream.undecided_end = None
 
     def _match_stream(self, first_chunk: int, start: int) -> _Stream | None:
         """Return the stream that a read at *start*, in *first_chunk*, continues."""
