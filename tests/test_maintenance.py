@@ -500,6 +500,42 @@ def test_gc_leaves_unknown_objects(two_models):
     assert two_models.stat("chunks/zz/notes.txt") is not None
 
 
+# Objects under retired/ that retire_manifest did not write: no model name,
+# an invalid one, or a file name other than <time_ns>-<8 hex digits>.json.
+UNKNOWN_RETIRED_KEYS = [
+    "retired/notes.txt",
+    "retired/1-0000abcd.json",
+    "retired/org/a/notes.txt",
+    "retired/org/a/1-0000abcd.json.bak",
+    "retired/org/a/1-0000ABCD.json",
+    "retired/org/a/1-0000abc.json",
+    "retired/org/a/x1-0000abcd.json",
+    "retired/-org/a/1-0000abcd.json",
+    "retired/a/b/c/d/e/1-0000abcd.json",
+]
+
+
+@pytest.mark.parametrize("grace", ["24h", "0"])
+def test_gc_leaves_unknown_retired_objects(two_models, grace):
+    for key in UNKNOWN_RETIRED_KEYS:
+        two_models.put(key, b"operator notes")
+    assert run_shardfs("rm", two_models.root, "org/a").returncode == 0
+    retired = set(two_models.list(RETIRED_PREFIX)) - set(UNKNOWN_RETIRED_KEYS)
+    assert len(retired) == 1
+    (retired_key,) = retired
+
+    result = run_shardfs("gc", "--grace", grace, two_models.root)
+    assert result.returncode == 0, result.stderr
+    for key in UNKNOWN_RETIRED_KEYS:
+        assert two_models.get(key) == b"operator notes", key
+    if grace == "0":
+        assert "deleted 1 expired retired manifest" in result.stdout
+        assert two_models.stat(retired_key) is None
+    else:
+        assert "1 model and 1 retired manifest name " in result.stdout
+        assert two_models.stat(retired_key) is not None
+
+
 def test_rm_removes_manifest(two_models):
     result = run_shardfs("rm", two_models.root, "org/a")
     assert result.returncode == 0, result.stderr
