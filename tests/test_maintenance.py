@@ -4,6 +4,7 @@ import io
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -677,6 +678,65 @@ def test_store_stat_touch_delete(any_store):
     any_store.delete(key)
     with pytest.raises(ObjectNotFound):
         any_store.touch(key)
+
+
+def empty_directories(root: str) -> list[str]:
+    """Return the empty directories below *root*, relative to it."""
+    return sorted(
+        os.path.relpath(directory, root)
+        for directory, subdirs, files in os.walk(root)
+        if not subdirs and not files and directory != root
+    )
+
+
+def test_rm_and_gc_remove_empty_directories(tmp_path, local_store):
+    push(local_store, _model_file(tmp_path, "a", 1), "org/a")
+    push(local_store, _model_file(tmp_path, "b", 2), "org/b")
+    push(local_store, _model_file(tmp_path, "c", 3), "other/c")
+    store = LocalStore(local_store)
+    chunk_directories = {key.rsplit("/", 1)[0] for key in store.list("chunks/")}
+
+    assert run_shardfs("rm", local_store, "org/a").returncode == 0
+    assert run_shardfs("rm", local_store, "other/c").returncode == 0
+    assert sorted(os.listdir(os.path.join(local_store, "models"))) == ["org"]
+    assert os.listdir(os.path.join(local_store, "models", "org")) == ["b"]
+    assert empty_directories(local_store) == []
+
+    collected = run_shardfs("gc", "--grace", "0", local_store)
+    assert collected.returncode == 0, collected.stderr
+    assert os.listdir(os.path.join(local_store, "retired")) == []
+    # Each chunks/<xx>/ directory stays, even once empty.
+    chunks_left = {key.rsplit("/", 1)[0] for key in store.list("chunks/")}
+    emptied = chunk_directories - chunks_left
+    assert emptied
+    assert empty_directories(local_store) == sorted(emptied | {"retired"})
+
+    assert run_shardfs("rm", local_store, "org/b").returncode == 0
+    assert os.listdir(os.path.join(local_store, "models")) == []
+    assert list_models(store) == []
+
+
+def test_local_put_recreates_removed_directory(tmp_path, monkeypatch):
+    store = LocalStore(str(tmp_path / "store"))
+    store.create()
+    directory = os.path.join(store.root, "models", "org", "b")
+    real_mkstemp = tempfile.mkstemp
+    removed = []
+
+    def mkstemp_after_delete(**kwargs):
+        # A delete of another object removes the directories, empty then,
+        # between put's makedirs and its temporary file, once.
+        if not removed:
+            os.rmdir(kwargs["dir"])
+            os.rmdir(os.path.dirname(kwargs["dir"]))
+            removed.append(kwargs["dir"])
+        return real_mkstemp(**kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_after_delete)
+    store.put("models/org/b/manifest.json", b"b")
+
+    assert removed == [directory]
+    assert store.get("models/org/b/manifest.json") == b"b"
 
 
 NON_REGULAR_OBJECTS = {
