@@ -197,14 +197,24 @@ def test_verify_reports_fifo_chunk(two_models):
     assert "1 corrupt" in result.stdout.splitlines()[-1]
 
 
-def test_verify_reports_unknown_encoding(two_models):
-    key = sorted(chunk_keys(two_models, "org/a"))[0]
+def test_verify_reports_unknown_encoding(two_models, tmp_path):
+    key = sorted(chunk_keys(two_models, "org/a") - chunk_keys(two_models, "org/b"))[0]
     # Byte 4 is the codec id, and every id from 200 up is undefined.
     flip_byte(os.path.join(two_models.root, chunk_object_key(key)), 4, 200)
     result = run_shardfs("verify", two_models.root, "org/a")
     assert result.returncode == 1
-    assert f"chunk {key} is unsupported" in result.stdout
-    assert "upgrade shardfs" in result.stdout
+    lines = [line for line in result.stdout.splitlines() if key in line]
+    assert len(lines) == 1, result.stdout
+    assert f"chunk {key} is unsupported" in lines[0]
+    assert "upgrade shardfs" in lines[0]
+    assert (
+        "push the model again from its original files with --check-existing "
+        "to rewrite it in an encoding this version reads"
+    ) in lines[0]
+
+    push(two_models.root, tmp_path / "a" / "model.safetensors", "org/a", "--check-existing")
+    repaired = run_shardfs("verify", two_models.root)
+    assert repaired.returncode == 0, repaired.stdout
 
 
 def test_verify_unknown_model(two_models):
