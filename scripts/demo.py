@@ -1,13 +1,15 @@
 """Push the real all-MiniLM-L6-v2 model, mount it and load it through the mount.
 
 Uses the default local store unless ``--store`` names another. Prints what
-was loaded, whether it equals the original, and the time of each step beside
-loading the same files from local disk.
+was loaded, whether it equals the original, the time of each step beside
+loading the same files from local disk, and the store it pushed to with the
+commands that remove the models again.
 """
 
 import argparse
 import contextlib
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -91,6 +93,10 @@ def main() -> int:
     print(f"torch.load through the mount equals the original: {torch_ok}")
     print(f"push: {push_s:.2f} s")
     print(
+        f"pushed both models to the store {store}; to remove them when no other push "
+        f"to it runs: {_removal_commands(store, endpoint_flags)}"
+    )
+    print(
         f"safetensors load: {mount_safetensors_s:.3f} s through the mount (cold), "
         f"{local_safetensors_s:.3f} s from local disk"
     )
@@ -99,6 +105,15 @@ def main() -> int:
         f"{local_torch_s:.3f} s from local disk"
     )
     return 0 if safetensors_ok and torch_ok else 1
+
+
+def _removal_commands(store: str, endpoint_flags: list[str]) -> str:
+    """Return the shell commands that remove the demo's models from *store*,
+    then run gc with no grace period, which frees their space."""
+    options = shlex.join([*endpoint_flags, store])
+    commands = [f"shardfs rm {options} {name}" for name in (MODEL_NAME, MODEL_NAME + "-torch")]
+    commands.append(f"shardfs gc --grace 0 {options}")
+    return " && ".join(commands)
 
 
 def _default_store() -> str:

@@ -19,7 +19,8 @@ from safetensors.torch import save
 
 from shardfs import codec, formats
 from shardfs.config import PrefetchConfig
-from shardfs.errors import ObjectNotFound, UsageError
+from shardfs.commands import warm_cmd
+from shardfs.errors import ObjectNotFound, ShardfsError, UsageError
 from shardfs.manifest import ChunkRef
 from shardfs.mount.control import ControlServer
 from shardfs.mount.disk_cache import DiskCache
@@ -317,7 +318,9 @@ class WarmSource:
 
     def __init__(self, failing: dict, unkept: set[str], delay_s: float):
         # Writes fail, which only the unkept chunks notice.
-        self.disk = types.SimpleNamespace(can_hold=lambda length: False)
+        self.disk = types.SimpleNamespace(
+            can_hold=lambda length: False, limit_bytes=64 * MiB, write_failed=True
+        )
         self.on_disk: set[str] = set()
         self.failing = failing
         self.unkept = unkept
@@ -363,12 +366,95 @@ async def test_warm_tries_every_chunk():
     assert final["cached_before"] == MiB
     assert final["resident_bytes"] == 6 * MiB
     assert final["resident"] is False
-    assert final["failed_chunks"] == 2
-    assert final["failed_bytes"] == 2 * MiB
-    assert len(final["failed"]) == 2
-    assert all(failure.startswith("org/m/weights.bin: ") for failure in final["failed"])
-    assert any(missing in failure for failure in final["failed"])
-    assert any("disk cache cannot write it" in failure for failure in final["failed"])
+    assert final["failed_chunks"] == 1
+    assert final["failed_bytes"] == MiB
+    assert len(final["failed"]) == 1
+    assert final["failed"][0].startswith("org/m/weights.bin: ")
+    assert missing in final["failed"][0]
+    assert final["not_kept_chunks"] == 1
+    assert final["not_kept_bytes"] == MiB
+    assert final["disk_cache_limit_bytes"] == 64 * MiB
+    assert final["disk_write_failed"] is True
+
+
+def _warm_reply(**fields) -> dict:
+    """Return the last reply of a warm-up of 8 MiB, of which *fields* change some."""
+    reply = {
+        "total": 8 * MiB,
+        "cached_before": 0,
+        "resident_bytes": 8 * MiB,
+        "failed_chunks": 0,
+        "failed": [],
+        "not_kept_chunks": 0,
+        "not_kept_bytes": 0,
+        "disk_cache_limit_bytes": 64 * MiB,
+        "disk_write_failed": False,
+    }
+    reply.update(fields)
+    return reply
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            {"disk_cache_limit_bytes": 0},
+            "3 chunks (3.0 MiB) were fetched but not kept, because the disk cache is off "
+            "(--cache-size 0); 3.0 MiB is not cached; mount again with a --cache-size "
+            "that can hold what you warm",
+        ),
+        (
+            {"disk_cache_limit_bytes": 512 * 1024},
+            "3 chunks (3.0 MiB) were fetched but not kept, because each is larger than "
+            "the disk cache cap of 512.0 KiB; 3.0 MiB is not cached; mount again with a "
+            "larger --cache-size",
+        ),
+        (
+            {"disk_write_failed": True},
+            "3 chunks (3.0 MiB) were fetched but not kept, because a write to the disk "
+            "cache failed, and the daemon writes no more to it until it is mounted again; "
+            "3.0 MiB is not cached; see the daemon log for the error",
+        ),
+    ],
+)
+def test_warm_report_not_kept_chunks(fields, message, capsys):
+    reply = _warm_reply(resident_bytes=5 * MiB, not_kept_chunks=3, not_kept_bytes=3 * MiB, **fields)
+    with pytest.raises(ShardfsError) as raised:
+        warm_cmd._report("/mnt", reply)
+    assert str(raised.value) == message
+    assert capsys.readouterr().out == "warmed 5.0 MiB of 8.0 MiB: 0 B was already cached\n"
+
+
+def test_warm_report_failed_fetches(capsys):
+    reply = _warm_reply(resident_bytes=6 * MiB, failed_chunks=2, failed=["a: x", "b: y"])
+    with pytest.raises(ShardfsError) as raised:
+        warm_cmd._report("/mnt", reply)
+    assert str(raised.value) == "2 chunks could not be fetched; 2.0 MiB is not cached"
+    assert capsys.readouterr().err == "failed: a: x\nfailed: b: y\n"
+
+
+def test_warm_report_failed_and_not_kept(capsys):
+    reply = _warm_reply(
+        resident_bytes=3 * MiB,
+        failed_chunks=2,
+        failed=["a: x", "b: y"],
+        not_kept_chunks=3,
+        not_kept_bytes=3 * MiB,
+        disk_cache_limit_bytes=0,
+    )
+    with pytest.raises(ShardfsError) as raised:
+        warm_cmd._report("/mnt", reply)
+    assert str(raised.value) == (
+        "2 chunks could not be fetched and 3 chunks (3.0 MiB) were fetched but not kept, "
+        "because the disk cache is off (--cache-size 0); 5.0 MiB is not cached; "
+        "mount again with a --cache-size that can hold what you warm"
+    )
+    assert capsys.readouterr().err == "failed: a: x\nfailed: b: y\n"
+
+
+def test_warm_report_all_resident(capsys):
+    assert warm_cmd._report("/mnt", _warm_reply()) == 0
+    assert capsys.readouterr().out == "warmed 8.0 MiB of 8.0 MiB: 0 B was already cached\n"
 
 
 def test_read_ahead_waits_for_a_forward_step():

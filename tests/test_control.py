@@ -147,6 +147,23 @@ def test_warm_larger_than_cache_fails(store_with_two_models, tmp_path):
     assert f"{evicted} was fetched but evicted from the disk cache again" in result.stderr
 
 
+def test_warm_with_cache_off_keeps_nothing(store_with_two_models, tmp_path):
+    store, _ = store_with_two_models
+    with mounted(store, str(tmp_path / "mnt"), "--cache-size", "0") as mount:
+        result = run_shardfs("warm", mount.path, "org/alpha")
+        status = _status(mount.path)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "warmed 0 B of 5.0 MiB: 0 B was already cached" in result.stdout
+    assert "failed: " not in result.stderr
+    assert "could not be fetched" not in result.stderr
+    assert "6 chunks (5.0 MiB) were fetched but not kept" in result.stderr
+    assert "because the disk cache is off (--cache-size 0)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert status["chunks_fetched"] == 6
+    assert status["disk_cache_bytes"] == 0
+
+
 def test_warm_unknown_model_fails(store_with_two_models, tmp_path):
     store, _ = store_with_two_models
     with mounted(store, str(tmp_path / "mnt")) as mount:

@@ -4,6 +4,7 @@ import io
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -244,14 +245,24 @@ def test_verify_reports_fifo_chunk(two_models):
     assert "1 corrupt" in result.stdout.splitlines()[-1]
 
 
-def test_verify_reports_unknown_encoding(two_models):
-    key = sorted(chunk_keys(two_models, "org/a"))[0]
+def test_verify_reports_unknown_encoding(two_models, tmp_path):
+    key = sorted(chunk_keys(two_models, "org/a") - chunk_keys(two_models, "org/b"))[0]
     # Byte 4 is the codec id, and every id from 200 up is undefined.
     flip_byte(os.path.join(two_models.root, chunk_object_key(key)), 4, 200)
     result = run_shardfs("verify", two_models.root, "org/a")
     assert result.returncode == 1
-    assert f"chunk {key} is unsupported" in result.stdout
-    assert "upgrade shardfs" in result.stdout
+    lines = [line for line in result.stdout.splitlines() if key in line]
+    assert len(lines) == 1, result.stdout
+    assert f"chunk {key} is unsupported" in lines[0]
+    assert "upgrade shardfs" in lines[0]
+    assert (
+        "push the model again from its original files with --check-existing "
+        "to rewrite it in an encoding this version reads"
+    ) in lines[0]
+
+    push(two_models.root, tmp_path / "a" / "model.safetensors", "org/a", "--check-existing")
+    repaired = run_shardfs("verify", two_models.root)
+    assert repaired.returncode == 0, repaired.stdout
 
 
 def test_verify_unknown_model(two_models):
@@ -548,6 +559,42 @@ def test_gc_leaves_unknown_objects(two_models):
     assert two_models.stat("chunks/zz/notes.txt") is not None
 
 
+# Objects under retired/ that retire_manifest did not write: no model name,
+# an invalid one, or a file name other than <time_ns>-<8 hex digits>.json.
+UNKNOWN_RETIRED_KEYS = [
+    "retired/notes.txt",
+    "retired/1-0000abcd.json",
+    "retired/org/a/notes.txt",
+    "retired/org/a/1-0000abcd.json.bak",
+    "retired/org/a/1-0000ABCD.json",
+    "retired/org/a/1-0000abc.json",
+    "retired/org/a/x1-0000abcd.json",
+    "retired/-org/a/1-0000abcd.json",
+    "retired/a/b/c/d/e/1-0000abcd.json",
+]
+
+
+@pytest.mark.parametrize("grace", ["24h", "0"])
+def test_gc_leaves_unknown_retired_objects(two_models, grace):
+    for key in UNKNOWN_RETIRED_KEYS:
+        two_models.put(key, b"operator notes")
+    assert run_shardfs("rm", two_models.root, "org/a").returncode == 0
+    retired = set(two_models.list(RETIRED_PREFIX)) - set(UNKNOWN_RETIRED_KEYS)
+    assert len(retired) == 1
+    (retired_key,) = retired
+
+    result = run_shardfs("gc", "--grace", grace, two_models.root)
+    assert result.returncode == 0, result.stderr
+    for key in UNKNOWN_RETIRED_KEYS:
+        assert two_models.get(key) == b"operator notes", key
+    if grace == "0":
+        assert "deleted 1 expired retired manifest" in result.stdout
+        assert two_models.stat(retired_key) is None
+    else:
+        assert "1 model and 1 retired manifest name " in result.stdout
+        assert two_models.stat(retired_key) is not None
+
+
 def test_rm_removes_manifest(two_models):
     result = run_shardfs("rm", two_models.root, "org/a")
     assert result.returncode == 0, result.stderr
@@ -689,6 +736,65 @@ def test_store_stat_touch_delete(any_store):
     any_store.delete(key)
     with pytest.raises(ObjectNotFound):
         any_store.touch(key)
+
+
+def empty_directories(root: str) -> list[str]:
+    """Return the empty directories below *root*, relative to it."""
+    return sorted(
+        os.path.relpath(directory, root)
+        for directory, subdirs, files in os.walk(root)
+        if not subdirs and not files and directory != root
+    )
+
+
+def test_rm_and_gc_remove_empty_directories(tmp_path, local_store):
+    push(local_store, _model_file(tmp_path, "a", 1), "org/a")
+    push(local_store, _model_file(tmp_path, "b", 2), "org/b")
+    push(local_store, _model_file(tmp_path, "c", 3), "other/c")
+    store = LocalStore(local_store)
+    chunk_directories = {key.rsplit("/", 1)[0] for key in store.list("chunks/")}
+
+    assert run_shardfs("rm", local_store, "org/a").returncode == 0
+    assert run_shardfs("rm", local_store, "other/c").returncode == 0
+    assert sorted(os.listdir(os.path.join(local_store, "models"))) == ["org"]
+    assert os.listdir(os.path.join(local_store, "models", "org")) == ["b"]
+    assert empty_directories(local_store) == []
+
+    collected = run_shardfs("gc", "--grace", "0", local_store)
+    assert collected.returncode == 0, collected.stderr
+    assert os.listdir(os.path.join(local_store, "retired")) == []
+    # Each chunks/<xx>/ directory stays, even once empty.
+    chunks_left = {key.rsplit("/", 1)[0] for key in store.list("chunks/")}
+    emptied = chunk_directories - chunks_left
+    assert emptied
+    assert empty_directories(local_store) == sorted(emptied | {"retired"})
+
+    assert run_shardfs("rm", local_store, "org/b").returncode == 0
+    assert os.listdir(os.path.join(local_store, "models")) == []
+    assert list_models(store) == []
+
+
+def test_local_put_recreates_removed_directory(tmp_path, monkeypatch):
+    store = LocalStore(str(tmp_path / "store"))
+    store.create()
+    directory = os.path.join(store.root, "models", "org", "b")
+    real_mkstemp = tempfile.mkstemp
+    removed = []
+
+    def mkstemp_after_delete(**kwargs):
+        # A delete of another object removes the directories, empty then,
+        # between put's makedirs and its temporary file, once.
+        if not removed:
+            os.rmdir(kwargs["dir"])
+            os.rmdir(os.path.dirname(kwargs["dir"]))
+            removed.append(kwargs["dir"])
+        return real_mkstemp(**kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_after_delete)
+    store.put("models/org/b/manifest.json", b"b")
+
+    assert removed == [directory]
+    assert store.get("models/org/b/manifest.json") == b"b"
 
 
 NON_REGULAR_OBJECTS = {

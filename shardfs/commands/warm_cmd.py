@@ -4,7 +4,7 @@ import os
 import sys
 
 from shardfs import control_protocol
-from shardfs.config import format_size
+from shardfs.config import format_count, format_size
 from shardfs.errors import ShardfsError, UsageError
 
 # Failure messages printed; the count covers the rest.
@@ -78,11 +78,10 @@ def _report(mountpoint: str, final: dict) -> int:
     if count > MAX_PRINTED_FAILURES:
         print(f"failed: {count - MAX_PRINTED_FAILURES} more chunks", file=sys.stderr)
     not_cached = format_size(total - resident)
-    if count:
-        raise ShardfsError(
-            f"{count} chunk{'s' if count != 1 else ''} could not be fetched; "
-            f"{not_cached} is not cached"
-        )
+    # A daemon of an older shardfs sends no not_kept_chunks and counts those
+    # chunks among the failed ones.
+    if count or final.get("not_kept_chunks", 0):
+        raise ShardfsError(_describe_missed_chunks(final, count, not_cached))
     if resident < total:
         raise ShardfsError(
             f"{not_cached} was fetched but evicted from the disk cache again, most likely "
@@ -90,3 +89,41 @@ def _report(mountpoint: str, final: dict) -> int:
             "warm less"
         )
     return 0
+
+
+def _describe_missed_chunks(final: dict, failed: int, not_cached: str) -> str:
+    """Return one line on the chunks that failed to fetch and those fetched but not kept."""
+    not_kept = final.get("not_kept_chunks", 0)
+    problems = []
+    if failed:
+        problems.append(f"{format_count(failed, 'chunk')} could not be fetched")
+    if not_kept:
+        reason, fix = _not_kept_reason(final)
+        problems.append(
+            f"{format_count(not_kept, 'chunk')} ({format_size(final['not_kept_bytes'])}) "
+            f"{'was' if not_kept == 1 else 'were'} fetched but not kept, because {reason}"
+        )
+    message = f"{' and '.join(problems)}; {not_cached} is not cached"
+    if not_kept:
+        message += f"; {fix}"
+    return message
+
+
+def _not_kept_reason(final: dict) -> tuple[str, str]:
+    """Return why the disk cache wrote no fetched chunks, and how to fix it."""
+    limit = final["disk_cache_limit_bytes"]
+    if limit == 0:
+        return (
+            "the disk cache is off (--cache-size 0)",
+            "mount again with a --cache-size that can hold what you warm",
+        )
+    if final["disk_write_failed"]:
+        return (
+            "a write to the disk cache failed, and the daemon writes no more to it "
+            "until it is mounted again",
+            "see the daemon log for the error",
+        )
+    return (
+        f"each is larger than the disk cache cap of {format_size(limit)}",
+        "mount again with a larger --cache-size",
+    )

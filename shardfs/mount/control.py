@@ -178,11 +178,13 @@ class ControlServer:
             await warm_chunks(self._chunks, list(chunks.values()), where, self._warm_workers, progress)
             nursery.cancel_scope.cancel()
         log.info(
-            "warmed %s: %d of %d bytes in the disk cache, %d chunks failed",
+            "warmed %s: %d of %d bytes in the disk cache, %d chunks failed, "
+            "%d fetched but not kept",
             ", ".join(paths),
             progress["resident_bytes"],
             progress["total"],
             progress["failed_chunks"],
+            progress["not_kept_chunks"],
         )
         progress["done"] = True
         await self._send(stream, progress)
@@ -245,10 +247,15 @@ def new_warm_progress(source: ChunkSource, chunks: Iterable[ChunkRef]) -> dict:
         "cached_before": cached,
         # Bytes of the chunks that were tried or already cached.
         "done_bytes": cached,
+        # Chunks whose fetch failed.
         "failed_chunks": 0,
         "failed_bytes": 0,
         # The first MAX_WARM_FAILURES failures, as "path: error".
         "failed": [],
+        # Chunks fetched that the disk cache cannot write, because it is off,
+        # the chunk is larger than its cap, or a write failed before.
+        "not_kept_chunks": 0,
+        "not_kept_bytes": 0,
     }
 
 
@@ -262,11 +269,13 @@ async def warm_chunks(
     """Fetch each of *chunks* into the disk cache and record the outcome in *progress*.
 
     Every chunk is tried, whatever became of the others, with the chunk
-    source's retries. A chunk fails when its fetch fails, or when the disk
-    cache cannot write it (a write failed, or it is larger than the cap).
-    At the end, ``resident_bytes`` counts only the chunks that the disk
-    cache contains then, because a cache smaller than *chunks* evicts some
-    of them again.
+    source's retries. A chunk fails when its fetch fails. A fetched chunk
+    that the disk cache cannot write counts as not kept: the cache is off
+    (a cap of 0), the chunk is larger than the cap, or a write failed
+    before. The reply gives the cap and whether a write failed, so that the
+    client can name the cause. At the end, ``resident_bytes`` counts only
+    the chunks that the disk cache contains then, because a cache smaller
+    than *chunks* evicts some of them again.
     *where* names the file of each chunk key for messages.
     """
 
@@ -287,12 +296,8 @@ async def warm_chunks(
                     # A chunk that is gone again at once was either evicted,
                     # which the final count covers, or never written.
                     if not source.disk_holds(chunk.key) and not source.disk.can_hold(chunk.length):
-                        fail(
-                            chunk,
-                            f"chunk {chunk.key} was fetched but the disk cache cannot "
-                            "write it: a write failed (see the daemon log) or the chunk "
-                            "is larger than the cache cap",
-                        )
+                        progress["not_kept_chunks"] += 1
+                        progress["not_kept_bytes"] += chunk.length
                 progress["done_bytes"] += chunk.length
 
     pending = [chunk for chunk in chunks if not source.disk_holds(chunk.key)]
@@ -307,6 +312,8 @@ async def warm_chunks(
     resident = [chunk for chunk in chunks if source.disk_holds(chunk.key)]
     progress["resident_bytes"] = sum(chunk.length for chunk in resident)
     progress["resident"] = len(resident) == len(chunks)
+    progress["disk_cache_limit_bytes"] = source.disk.limit_bytes
+    progress["disk_write_failed"] = source.disk.write_failed
 
 
 async def _receive_line(stream: trio.SocketStream) -> bytes:

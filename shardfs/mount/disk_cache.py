@@ -125,6 +125,11 @@ class DiskCache:
     def __contains__(self, key: str) -> bool:
         return key in self._index
 
+    @property
+    def write_failed(self) -> bool:
+        """Whether a write has failed, after which nothing more is written."""
+        return self._write_failed
+
     def can_hold(self, length: int) -> bool:
         """Whether a chunk of *length* bytes can be written; False once a
         write has failed (full or read-only disk)."""

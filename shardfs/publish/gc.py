@@ -17,7 +17,7 @@ import time
 
 from shardfs.errors import ManifestInvalid, ObjectInvalid, ObjectNotFound, ShardfsError
 from shardfs.manifest import parse_manifest
-from shardfs.publish.retire import RETIRED_PREFIX, retired_model_name
+from shardfs.publish.retire import RETIRED_PREFIX, parse_retired_key
 from shardfs.stores.base import (
     CHUNKS_PREFIX,
     ObjectInfo,
@@ -76,9 +76,13 @@ def collect_garbage(
 
     expired_retired = []
     for info in store.list_info(RETIRED_PREFIX):
+        model = parse_retired_key(info.key)
+        # Objects that retire_manifest did not write are not gc's to delete.
+        if model is None:
+            continue
         if now() - info.modified >= grace_s:
             expired_retired.append(info.key)
-        elif _add_named_chunks(store, info.key, retired_model_name(info.key), named):
+        elif _add_named_chunks(store, info.key, model, named):
             report.retired_kept += 1
     report.named_chunks = len(named)
 

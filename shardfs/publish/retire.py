@@ -10,15 +10,20 @@ modification time in the store, the same clock that dates the chunks.
 
 import logging
 import os
+import re
 import time
 
 from shardfs.errors import ManifestInvalid, ModelNotFound, ObjectInvalid, ObjectNotFound
-from shardfs.manifest import is_newer_version, parse_manifest
+from shardfs.manifest import check_model_name, is_newer_version, parse_manifest
 from shardfs.stores.base import Store, manifest_object_key
 
 log = logging.getLogger(__name__)
 
 RETIRED_PREFIX = "retired/"
+
+# The keys `retire_manifest` writes: the model name, then the time in
+# nanoseconds and 8 random hex digits.
+_RETIRED_KEY_RE = re.compile(re.escape(RETIRED_PREFIX) + r"(.+)/[0-9]+-[0-9a-f]{8}\.json")
 
 
 def retire_manifest(store: Store, name: str) -> str | None:
@@ -50,6 +55,18 @@ def retire_manifest(store: Store, name: str) -> str | None:
 def retired_model_name(key: str) -> str:
     """Return the model name of the retired manifest stored at *key*."""
     return key[len(RETIRED_PREFIX) :].rsplit("/", 1)[0]
+
+
+def parse_retired_key(key: str) -> str | None:
+    """Return the model name in *key* if `retire_manifest` could have written
+    that key, else None."""
+    match = _RETIRED_KEY_RE.fullmatch(key)
+    if match is None:
+        return None
+    try:
+        return check_model_name(match.group(1))
+    except ValueError:
+        return None
 
 
 def remove_model(store: Store, name: str) -> str | None:

@@ -27,12 +27,14 @@ from shardfs.stores.placed import PlacedStore, describe_member_failures
 
 # How to restore a bad copy from a good one, by kind. Plain repair trusts a
 # copy of the right size, so only --check-content is sure to replace a corrupt
-# one. A copy of an unsupported encoding needs a newer shardfs, not a repair.
+# one. Repair cannot check a copy of an unsupported encoding, so that needs a
+# newer shardfs or a push from the original files (UNSUPPORTED_HINT).
 REPAIR_HINTS = {
     "missing": "shardfs repair restores it",
     "corrupt": "shardfs repair --check-content restores it",
 }
 NO_COPY_HINT = "push the model again from its original files with --check-existing"
+UNSUPPORTED_HINT = f"{NO_COPY_HINT} to rewrite it in an encoding this version reads"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +155,8 @@ def _check_chunk(store: Store, key: str, length: int) -> tuple[str, str] | None:
     try:
         codec.decode(key, length, data)
     except ChunkEncodingUnknown as exc:
-        return "unsupported", exc.reason
+        # A newer shardfs may have written it, or its header is damaged.
+        return "unsupported", f"{exc.reason}, or {UNSUPPORTED_HINT}"
     except ChunkCorrupt as exc:
         return "corrupt", exc.reason
     return None

@@ -126,11 +126,10 @@ class LocalStore:
         path = self._path(key)
         directory = os.path.dirname(path)
         try:
-            os.makedirs(directory, exist_ok=True)
             # Write a temporary file beside the target, flush it to disk, and
             # rename it into place, so a crash leaves the old object or the
             # whole new one, never a torn one.
-            fd, temp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+            fd, temp_path = _create_temp_file(directory)
             try:
                 with os.fdopen(fd, "wb") as file:
                     file.write(data)
@@ -181,6 +180,34 @@ class LocalStore:
                 raise self._error(exc, key) from None
         except OSError as exc:
             raise self._error(exc, key) from None
+        self._remove_empty_parents(key)
+
+    def _remove_empty_parents(self, key: str) -> None:
+        """Remove the directories of *key* that the delete left empty,
+        deepest first, up to and not including its top-level directory.
+
+        The chunks/<xx>/ directories stay, because there are at most 256 and
+        pushes write into them all the time. os.rmdir removes only an empty
+        directory, and a put that finds its directory gone creates it again.
+        """
+        parts = key.split("/")
+        if parts[0] == "chunks":
+            return
+        for depth in range(len(parts) - 1, 1, -1):
+            directory = "/".join(parts[:depth])
+            try:
+                os.rmdir(self._path(directory))
+            except OSError as exc:
+                # Not empty (Linux returns ENOTEMPTY, POSIX also allows EEXIST),
+                # or removed by a concurrent delete that goes on upwards.
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    log.warning(
+                        "failed to remove empty directory %s from store %s: %s",
+                        directory,
+                        self.url,
+                        exc.strerror,
+                    )
+                return
 
     def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
         for key in self.list(prefix):
@@ -259,6 +286,21 @@ class LocalStore:
 # The file names of manifests: current ones, and retired copies
 # (`shardfs.publish.retire`).
 _MANIFEST_NAME_RE = re.compile(r"manifest\.json|\d+-[0-9a-f]{8}\.json")
+
+
+def _create_temp_file(directory: str) -> tuple[int, str]:
+    """Create *directory* if needed and a temporary file in it; return the
+    file's descriptor and path.
+
+    A delete that empties the directory removes it, and can do so between
+    the two steps, so they are tried once more when the directory is gone.
+    """
+    try:
+        os.makedirs(directory, exist_ok=True)
+        return tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    except FileNotFoundError:
+        os.makedirs(directory, exist_ok=True)
+        return tempfile.mkstemp(dir=directory, prefix=".tmp-")
 
 
 def _file_type(mode: int) -> str:
