@@ -875,6 +875,23 @@ def test_repair_moves_chunks_to_added_member(tmp_path):
     assert verified.stdout.strip().endswith("all good")
 
 
+def test_repair_leaves_other_retired_objects(tmp_path):
+    values = local_members(tmp_path, 2)
+    push_new_model(values, tmp_path, 5)
+    store = placed_from_values(values)
+    notes = os.path.join(store.members[0].store.root, "retired", "notes.txt")
+    os.makedirs(os.path.dirname(notes), exist_ok=True)
+    with open(notes, "w") as file:
+        file.write("not a manifest\n")
+
+    repaired = run_shardfs("repair", *store_arguments(values))
+    assert repaired.returncode == 0, repaired.stdout
+    assert "notes.txt" not in repaired.stdout
+    assert os.path.isfile(notes)
+    other_member = os.path.join(store.members[1].store.root, "retired", "notes.txt")
+    assert not os.path.exists(other_member)
+
+
 def test_repair_drains_zero_weight_member(tmp_path):
     values = local_members(tmp_path, 3)
     push_new_model(values, tmp_path, 3)

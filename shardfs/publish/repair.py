@@ -43,7 +43,7 @@ from shardfs.errors import (
 )
 from shardfs.manifest import Manifest, parse_manifest
 from shardfs.publish.progress import ProgressBar
-from shardfs.publish.retire import RETIRED_PREFIX, retired_model_name
+from shardfs.publish.retire import RETIRED_PREFIX, parse_retired_key, retired_model_name
 from shardfs.stores.base import (
     CHUNKS_PREFIX,
     MANIFEST_SUFFIX,
@@ -300,6 +300,9 @@ def _newest_manifests(store: PlacedStore, report: RepairReport) -> dict[str, _Ma
         for prefix in (MODELS_PREFIX, RETIRED_PREFIX):
             for key in member.store.list(prefix):
                 if prefix == MODELS_PREFIX and not key.endswith(MANIFEST_SUFFIX):
+                    continue
+                # Other objects under retired/ are not manifests, as in gc.
+                if prefix == RETIRED_PREFIX and parse_retired_key(key) is None:
                     continue
                 holders.setdefault(key, []).append(member)
 
