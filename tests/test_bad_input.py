@@ -884,6 +884,54 @@ def test_ls_marks_invalid_manifests(store_with_bad_manifests):
     assert result.returncode == EXIT_FAILED
 
 
+# A manifest that gives a chunk a length other than its key's
+
+
+@pytest.fixture
+def store_with_wrong_length(tmp_path):
+    """A store whose org/bad names, in its weights, the key of a small file's chunk."""
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "small.bin").write_bytes(b'{"a":1}\n')
+    (source / "weights.bin").write_bytes(os.urandom(3 * CHUNK_SIZE + 100))
+    store = str(tmp_path / "store")
+    result = run_shardfs("push", "--store", store, "--chunk-size", "64KiB", str(source), "org/m")
+    assert result.returncode == 0, result.stderr
+
+    with open(os.path.join(store, "models", "org", "m", "manifest.json"), "rb") as file:
+        doc = json.load(file)
+    files = {entry["path"]: entry for entry in doc["files"]}
+    [small_chunk] = files["small.bin"]["chunks"]
+    files["weights.bin"]["chunks"][1]["key"] = small_chunk["key"]
+    doc["name"] = "org/bad"
+    os.makedirs(os.path.join(store, "models", "org", "bad"))
+    with open(os.path.join(store, "models", "org", "bad", "manifest.json"), "w") as file:
+        json.dump(doc, file)
+    return store, source
+
+
+@needs_fuse
+@pytest.mark.parametrize("shared_first", [True, False], ids=["shared-chunk-read-first", "alone"])
+def test_chunk_of_other_length_fails(store_with_wrong_length, tmp_path, shared_first):
+    store, source = store_with_wrong_length
+    with mounted(store, str(tmp_path / "mnt")) as mount:
+        mount.expect_log(r"read failed with EIO .*is corrupt: .*bytes")
+        if shared_first:
+            with open(os.path.join(mount.path, "org", "m", "small.bin"), "rb") as file:
+                assert file.read() == b'{"a":1}\n'
+        path = os.path.join(mount.path, "org", "bad", "weights.bin")
+        size = os.stat(path).st_size
+        with open(path, "rb", buffering=0) as file:
+            first_chunk = os.pread(file.fileno(), CHUNK_SIZE, 0)
+            with pytest.raises(OSError) as raised:
+                os.pread(file.fileno(), CHUNK_SIZE, CHUNK_SIZE)
+        size_after = os.stat(path).st_size
+
+    assert raised.value.errno == errno.EIO
+    assert first_chunk == (source / "weights.bin").read_bytes()[:CHUNK_SIZE]
+    assert size_after == size == 3 * CHUNK_SIZE + 100
+
+
 # A damaged chunk in the store
 
 DAMAGED_FILE = "weights.bin"

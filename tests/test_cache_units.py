@@ -100,6 +100,20 @@ def test_disk_cache_keeps_cap(tmp_path):
     assert on_disk <= 3500
 
 
+def test_disk_cache_range_needs_true_length(tmp_path):
+    cache = DiskCache(str(tmp_path / "cache"), 10_000)
+    cache.open()
+    key, data = _chunk(7)
+    cache.write(key, data)
+    assert cache.verified_length(key) == 1000
+    assert cache.read_range(key, 1000, 10, 20) == data[10:20]
+    # A manifest that gives the key another length reads nothing, and the
+    # file stays.
+    assert cache.read_range(key, 2000, 10, 20) is None
+    assert cache.read_range(key, 500, 10, 20) is None
+    assert cache.read(key, 1000) == data
+
+
 class _HeldWrites:
     """Stands in for DiskCache._write_file: each write waits for *release*,
     then succeeds or raises *error*."""

@@ -225,7 +225,7 @@ class ChunkSource:
             data = self._pending_data(chunk.key)
         if data is not None:
             self.stats.memory_hits += 1
-            return memoryview(data)[start:end]
+            return memoryview(_check_length(chunk, data))[start:end]
         # A small read of a chunk verified on disk reads just its range. A
         # larger one, such as the kernel's 1 MiB read-ahead, is most often
         # one of a run that reads the whole chunk, so the chunk is loaded
@@ -234,7 +234,7 @@ class ChunkSource:
         if small and self.disk is not None and self.disk.is_verified(chunk.key):
             async with self._disk_io:
                 part = await trio.to_thread.run_sync(
-                    self.disk.read_range, chunk.key, start, end
+                    self.disk.read_range, chunk.key, chunk.length, start, end
                 )
             if part is not None:
                 self.stats.disk_hits += 1
@@ -250,7 +250,7 @@ class ChunkSource:
                 data = self._pending_data(chunk.key)
             if data is not None:
                 self.stats.memory_hits += 1
-                return data
+                return _check_length(chunk, data)
 
             flight = self._flights.get(chunk.key)
             if flight is None:
@@ -266,7 +266,7 @@ class ChunkSource:
                 continue
             if flight.error is not None:
                 raise flight.error
-            return flight.data
+            return _check_length(chunk, flight.data)
 
     def prefetch(self, chunk: ChunkRef) -> bool:
         """Start fetching *chunk* in the background unless it is present.
@@ -319,6 +319,11 @@ class ChunkSource:
 
     async def _load(self, chunk: ChunkRef, flight: _Flight) -> bytes:
         if self.disk is not None and chunk.key in self.disk:
+            # A cache file verified since start has the key's true length,
+            # so a manifest that gives another is wrong, not the file.
+            verified = self.disk.verified_length(chunk.key)
+            if verified is not None and verified != chunk.length:
+                raise _wrong_length(chunk, verified)
             async with self._disk_io:
                 data = await trio.to_thread.run_sync(self.disk.read, chunk.key, chunk.length)
             if data is not None:
@@ -480,6 +485,23 @@ class ChunkSource:
                 trio.current_time() - request.started,
             )
         request.done.set()
+
+
+def _check_length(chunk: ChunkRef, data: bytes) -> bytes:
+    """Return *data*, the verified bytes of *chunk*'s key, if the manifest
+    gives their length; else raise `ChunkCorrupt`.
+
+    Another manifest, or another file of one, may name the same key with
+    its true length. A slice of the shared copy would then give a reader
+    bytes of the wrong length, which the kernel takes as the end of the file.
+    """
+    if len(data) != chunk.length:
+        raise _wrong_length(chunk, len(data))
+    return data
+
+
+def _wrong_length(chunk: ChunkRef, actual: int) -> ChunkCorrupt:
+    return ChunkCorrupt(chunk.key, f"it is {actual} bytes, but the manifest gives {chunk.length}")
 
 
 def _log_retry(key: str, attempt: int, delay: float, exc: Exception) -> None:

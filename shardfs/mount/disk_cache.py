@@ -138,6 +138,13 @@ class DiskCache:
     def is_verified(self, key: str) -> bool:
         return key in self._verified and key in self._index
 
+    def verified_length(self, key: str) -> int | None:
+        """Return the length of chunk *key*'s file if it was verified since start."""
+        with self._lock:
+            if key in self._verified:
+                return self._index.get(key)
+        return None
+
     def _path(self, key: str) -> str:
         return os.path.join(self._chunks_dir, key[:2], key)
 
@@ -169,10 +176,16 @@ class DiskCache:
         self._verified.add(key)
         return data
 
-    def read_range(self, key: str, start: int, end: int) -> bytes | None:
-        """Return bytes ``[start, end)`` of a chunk verified since start, or None."""
+    def read_range(self, key: str, length: int, start: int, end: int) -> bytes | None:
+        """Return bytes ``[start, end)`` of a chunk verified since start, or None.
+
+        Returns None also when the verified file is not *length* bytes long,
+        the chunk's length in the manifest.
+        """
         with self._lock:
             if key not in self._index or key not in self._verified:
+                return None
+            if self._index[key] != length:
                 return None
             self._index.move_to_end(key)
         try:
