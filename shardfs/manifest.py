@@ -79,6 +79,14 @@ class Manifest:
     def size(self) -> int:
         return sum(entry.size for entry in self.files)
 
+    @property
+    def stored_size(self) -> int:
+        """Bytes of the distinct chunk objects the model names, each counted once."""
+        stored = {
+            chunk.key: chunk.stored_length for entry in self.files for chunk in entry.chunks
+        }
+        return sum(stored.values())
+
 
 def check_model_name(name: str) -> str:
     """Return *name* if it is a valid model name, else raise ValueError.

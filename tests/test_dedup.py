@@ -174,6 +174,9 @@ def test_repeated_file_counted_once(tmp_path, local_store):
         for name in names
     )
     assert f"{stored / 1024:.1f} KiB stored" in result.stderr
+    listed = run_shardfs("ls", local_store)
+    assert listed.returncode == 0, listed.stderr
+    assert f"{stored / 1024:.1f} KiB stored" in listed.stdout
 
 
 @pytest.mark.parametrize("change", ["in place", "appended"])

@@ -41,7 +41,7 @@ def run(args) -> int:
             print(f"{name}\tinvalid: {exc.reason}")
             status = 1
             continue
-        stored = sum(entry.stored_size for entry in manifest.files)
+        stored = manifest.stored_size
         print(
             f"{name}\t{format_count(len(manifest.files), 'file')}\t{format_size(manifest.size)}"
             f"\t{format_size(stored)} stored"
