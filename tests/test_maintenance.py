@@ -1,6 +1,7 @@
 """``shardfs verify``, ``gc`` and ``rm`` on local and S3 stores, and the store calls they use."""
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from shardfs.stores.base import chunk_object_key, list_models, manifest_object_k
 from shardfs.stores.local import LocalStore
 
 DAY = 86400.0
+CHUNK = 64 * 1024
 
 
 def write_model(path, seed: int, size: int = 60_000) -> bytes:
@@ -263,6 +265,55 @@ def test_verify_reports_unknown_encoding(two_models, tmp_path):
     push(two_models.root, tmp_path / "a" / "model.safetensors", "org/a", "--check-existing")
     repaired = run_shardfs("verify", two_models.root)
     assert repaired.returncode == 0, repaired.stdout
+
+
+def _edit_manifest(store: LocalStore, name: str, change) -> None:
+    path = os.path.join(store.root, manifest_object_key(name))
+    with open(path) as file:
+        doc = json.load(file)
+    change(doc["files"][0])
+    with open(path, "w") as file:
+        json.dump(doc, file)
+
+
+def _swap_two_chunks(entry: dict) -> None:
+    chunks = entry["chunks"]
+    first, second = [index for index, chunk in enumerate(chunks) if chunk["length"] == CHUNK][:2]
+    chunks[first]["key"], chunks[second]["key"] = chunks[second]["key"], chunks[first]["key"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_swap_two_chunks, lambda entry: entry.__setitem__("sha256", "0" * 64)],
+    ids=["chunks-swapped", "wrong-sha256"],
+)
+def test_verify_check_files_finds_edited_manifest(two_models, change):
+    _edit_manifest(two_models, "org/a", change)
+
+    # Every chunk is still good, so the chunk check alone finds nothing.
+    plain = run_shardfs("verify", two_models.root)
+    assert plain.returncode == 0, plain.stdout
+    checked = run_shardfs("verify", "--check-files", two_models.root)
+    assert checked.returncode == 1, checked.stdout
+    lines = checked.stdout.splitlines()
+    assert lines[0].startswith("org/a: model.safetensors: the sha256 of its chunks is ")
+    assert "push its model again" in lines[1]
+    assert lines[-1].endswith("2 files read whole: 1 file not matching its sha256")
+
+
+def test_verify_check_files_all_good(two_models):
+    result = run_shardfs("verify", "--check-files", two_models.root, "org/b")
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.strip().endswith("1 file read whole: all good")
+
+
+def test_verify_check_files_skips_damaged_file(two_models):
+    key = sorted(chunk_keys(two_models, "org/a") - chunk_keys(two_models, "org/b"))[0]
+    os.unlink(os.path.join(two_models.root, chunk_object_key(key)))
+    result = run_shardfs("verify", "--check-files", two_models.root)
+    assert result.returncode == 1
+    assert "sha256" not in result.stdout.splitlines()[0]
+    assert result.stdout.strip().endswith("1 file read whole: 1 missing")
 
 
 def test_verify_unknown_model(two_models):

@@ -16,6 +16,12 @@ def add_parser(subparsers) -> None:
     )
     add_store_options(parser, positional=True)
     parser.add_argument(
+        "--check-files",
+        action="store_true",
+        help="also read each file in order and compare its sha256 with the manifest's; "
+        "fetches a chunk again for each file that names it",
+    )
+    parser.add_argument(
         "names", nargs="*", metavar="NAME", help="models to check (default: every model)"
     )
     parser.set_defaults(run=run)
@@ -28,7 +34,7 @@ def run(args) -> int:
         except ValueError as exc:
             raise UsageError(f"invalid model name {name!r}: {exc}") from None
     store = open_store(store_config(args))
-    report = verify_models(store, args.names)
+    report = verify_models(store, args.names, check_files=args.check_files)
     for problem in report.problems:
         print(problem.describe())
     damaged = report.chunks_with("missing") + report.chunks_with("corrupt")
@@ -37,9 +43,15 @@ def run(args) -> int:
             "to replace missing or corrupt chunks, push each model named above again "
             "from its original files with --check-existing"
         )
+    if report.count("content"):
+        print(
+            "a file whose chunks do not give its sha256 has a damaged or edited manifest: "
+            "push its model again from the original files"
+        )
+    files = f", {plural(report.files_checked, 'file')} read whole" if args.check_files else ""
     print(
         f"verified {plural(report.models, 'model')}, {plural(report.chunks, 'chunk')}, "
-        f"{format_size(report.stored_bytes)} stored: {_summary(report)}"
+        f"{format_size(report.stored_bytes)} stored{files}: {_summary(report)}"
     )
     return 1 if report.problems else 0
 
@@ -53,6 +65,9 @@ def _summary(report) -> str:
     unreadable = report.count("manifest")
     if unreadable:
         parts.append(f"{plural(unreadable, 'model')} not found or invalid")
+    mismatched = report.count("content")
+    if mismatched:
+        parts.append(f"{plural(mismatched, 'file')} not matching its sha256")
     return ", ".join(parts) or "all good"
 
 

@@ -10,6 +10,7 @@ than the store's replicas is reported once per bad copy.
 
 import concurrent.futures
 import dataclasses
+import hashlib
 
 from shardfs import codec
 from shardfs.errors import (
@@ -20,7 +21,7 @@ from shardfs.errors import (
     ObjectNotFound,
     StoreError,
 )
-from shardfs.manifest import Manifest, parse_manifest
+from shardfs.manifest import FileEntry, Manifest, parse_manifest
 from shardfs.stores.base import Store, chunk_object_key, list_models, manifest_object_key
 from shardfs.stores.placed import PlacedStore, describe_member_failures
 
@@ -42,7 +43,8 @@ class Problem:
     """One thing wrong with a model: a bad manifest or a bad chunk."""
 
     model: str
-    # missing, corrupt or unsupported for a chunk; manifest for the model itself
+    # missing, corrupt or unsupported for a chunk; manifest for the model
+    # itself; content for a file whose chunks do not give its sha256
     kind: str
     detail: str
     path: str = ""
@@ -67,6 +69,8 @@ class VerifyReport:
     models: int = 0
     chunks: int = 0
     stored_bytes: int = 0
+    # Files read in order and compared with their sha256 (check_files).
+    files_checked: int = 0
     problems: list[Problem] = dataclasses.field(default_factory=list)
 
     def count(self, kind: str) -> int:
@@ -78,8 +82,15 @@ class VerifyReport:
         return len({problem.key for problem in self.problems if problem.kind == kind})
 
 
-def verify_models(store: Store, names: list[str] | None = None, workers: int = 8) -> VerifyReport:
+def verify_models(
+    store: Store, names: list[str] | None = None, workers: int = 8, check_files: bool = False
+) -> VerifyReport:
     """Check the models *names* (every model when None or empty) in *store*.
+
+    With *check_files*, each file whose chunks are all good is also read in
+    order and its sha256 compared with the manifest's, which finds a
+    manifest that names good chunks in the wrong places. That fetches a
+    chunk again for every file that names it.
 
     Store failures other than a missing object propagate, because they
     tell nothing about the chunks. In a placed store every member must
@@ -131,7 +142,42 @@ def verify_models(store: Store, names: list[str] | None = None, workers: int = 8
                     report.problems.append(
                         Problem(model, kind, detail, path, start, end, item[0], member)
                     )
+        if check_files:
+            _check_files(store, manifests, report, pool)
     return report
+
+
+def _check_files(store: Store, manifests: list[Manifest], report: VerifyReport, pool) -> None:
+    bad_keys = {problem.key for problem in report.problems}
+    files = [
+        (manifest.name, entry)
+        for manifest in manifests
+        for entry in manifest.files
+        if not any(chunk.key in bad_keys for chunk in entry.chunks)
+    ]
+    report.files_checked = len(files)
+    outcomes = pool.map(lambda item: _file_problem(store, item[1]), files)
+    for (model, entry), detail in zip(files, outcomes):
+        if detail is not None:
+            report.problems.append(Problem(model, "content", f"{entry.path}: {detail}"))
+
+
+def _file_problem(store: Store, entry: FileEntry) -> str | None:
+    """Return None if *entry*'s chunks in order give its sha256, else what differs."""
+    digest = hashlib.sha256()
+    for chunk in entry.chunks:
+        try:
+            data = codec.decode(chunk.key, chunk.length, store.get(chunk_object_key(chunk.key)))
+        except (ObjectNotFound, ObjectInvalid, ChunkCorrupt) as exc:
+            # The chunk was good in the first pass, so it changed since then.
+            return f"chunk {chunk.key} failed when read again: {exc}"
+        digest.update(data)
+    if digest.hexdigest() != entry.sha256:
+        return (
+            f"the sha256 of its chunks is {digest.hexdigest()}, "
+            f"but the manifest gives {entry.sha256}"
+        )
+    return None
 
 
 def _load_manifest(store: Store, name: str, report: VerifyReport) -> Manifest | None:
