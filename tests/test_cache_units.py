@@ -23,7 +23,7 @@ from shardfs.commands import warm_cmd
 from shardfs.errors import ObjectNotFound, ShardfsError, UsageError
 from shardfs.manifest import ChunkRef
 from shardfs.mount.control import ControlServer
-from shardfs.mount.disk_cache import DiskCache
+from shardfs.mount.disk_cache import WRITE_RETRY_AFTER_S, DiskCache
 from shardfs.mount.memory_cache import MemoryCache
 from shardfs.mount.prefetch import ReadAhead
 from shardfs.mount.priority import DEMAND, PREFETCH, PriorityLimiter, Ticket
@@ -190,6 +190,41 @@ def test_disk_cache_concurrent_failures_warn_once(tmp_path):
     assert len(warnings) == 1
     assert cache.size_bytes == 0
     assert not cache.can_hold(1000)
+
+
+def test_disk_cache_retries_writes_later(tmp_path, caplog):
+    now = [1000.0]
+    cache = DiskCache(str(tmp_path / "cache"), 10_000, clock=lambda: now[0])
+    cache.open()
+    write_file = cache._write_file
+    failures = []
+
+    def full_disk(key: str, data: bytes) -> None:
+        failures.append(key)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cache._write_file = full_disk
+    caplog.set_level(logging.INFO, logger="shardfs.mount.disk_cache")
+    first, second, third = (_chunk(seed) for seed in range(3))
+    cache.write(*first)
+    assert cache.write_failed
+    assert not cache.can_hold(1000)
+
+    # Within the retry interval nothing is tried.
+    now[0] += WRITE_RETRY_AFTER_S - 1
+    cache.write(*second)
+    assert len(failures) == 1
+
+    # After it, a write is tried again; this one works.
+    now[0] += 2
+    cache._write_file = write_file
+    assert cache.can_hold(1000)
+    cache.write(*third)
+    assert not cache.write_failed
+    assert cache.read(third[0], len(third[1])) == third[1]
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("disk cache write failed" in message for message in messages) == 1
+    assert "disk cache writes work again" in messages
 
 
 def test_disk_cache_evicts_least_recent(tmp_path):

@@ -24,6 +24,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 
 from shardfs import codec
 from shardfs.config import format_count
@@ -33,9 +34,14 @@ log = logging.getLogger(__name__)
 
 _KEY_RE = re.compile(r"[0-9a-f]{32}")
 
+# After a write fails (a full or read-only disk), nothing is written for
+# this long. Then writes are tried again, so a disk that has room again,
+# or was remounted writable, serves as a cache without a daemon restart.
+WRITE_RETRY_AFTER_S = 60.0
+
 
 class DiskCache:
-    def __init__(self, directory: str, limit_bytes: int):
+    def __init__(self, directory: str, limit_bytes: int, clock=time.monotonic):
         self.directory = directory
         self.limit_bytes = limit_bytes
         self.size_bytes = 0
@@ -47,7 +53,9 @@ class DiskCache:
         self._verified: set[str] = set()
         self._writing: set[str] = set()
         self._lock_fd: int | None = None
-        self._write_failed = False
+        self._clock = clock
+        # When the last failed write happened, by *clock*; None after a success.
+        self._write_failed_at: float | None = None
 
     def open(self) -> None:
         """Create the directories and rebuild the index from the files present."""
@@ -127,13 +135,15 @@ class DiskCache:
 
     @property
     def write_failed(self) -> bool:
-        """Whether a write has failed, after which nothing more is written."""
-        return self._write_failed
+        """Whether a write failed less than `WRITE_RETRY_AFTER_S` ago, so
+        that nothing is written now."""
+        failed_at = self._write_failed_at
+        return failed_at is not None and self._clock() - failed_at < WRITE_RETRY_AFTER_S
 
     def can_hold(self, length: int) -> bool:
-        """Whether a chunk of *length* bytes can be written; False once a
-        write has failed (full or read-only disk)."""
-        return not self._write_failed and length <= self.limit_bytes
+        """Whether a chunk of *length* bytes can be written now; False for
+        a while after a write failed (full or read-only disk)."""
+        return not self.write_failed and length <= self.limit_bytes
 
     def is_verified(self, key: str) -> bool:
         return key in self._verified and key in self._index
@@ -222,7 +232,7 @@ class DiskCache:
         with self._lock:
             if key in self._index or key in self._writing:
                 return
-            if self._write_failed:
+            if self.write_failed:
                 return
             evicted = self._evict_until(self.limit_bytes - len(data))
             # Writes still in progress hold space that cannot be evicted. When
@@ -241,12 +251,21 @@ class DiskCache:
             with self._lock:
                 self.size_bytes -= len(data)
                 self._writing.discard(key)
-                first_failure = not self._write_failed
-                self._write_failed = True
+                # Concurrent writes that fail together log one warning.
+                first_failure = not self.write_failed
+                self._write_failed_at = self._clock()
             if first_failure:
-                log.warning("disk cache write failed, serving from memory: %s", exc)
+                log.warning(
+                    "disk cache write failed, serving from memory; writes are tried "
+                    "again in %.0f s: %s",
+                    WRITE_RETRY_AFTER_S,
+                    exc,
+                )
             return
         with self._lock:
+            if self._write_failed_at is not None:
+                self._write_failed_at = None
+                log.info("disk cache writes work again")
             self._writing.discard(key)
             self._index[key] = len(data)
             self._verified.add(key)
