@@ -848,6 +848,26 @@ def test_push_check_existing_replaces_every_bad_copy(tmp_path, damage):
     assert repaired.returncode == 0, repaired.stdout
 
 
+@pytest.mark.parametrize("copies", [1, 2], ids=["one-copy", "every-copy"])
+def test_plain_push_replaces_damaged_headers(tmp_path, copies):
+    values = local_members(tmp_path, 2)
+    source = push_new_model(values, tmp_path, 1)
+    store = placed_from_values(values)
+    key = sorted(named_chunks(store, "org/m"))[0]
+    object_key = chunk_object_key(key)
+    # A flipped magic byte keeps the size, so only the header shows it.
+    for member in store.placement(key)[:copies]:
+        path = os.path.join(member.store.root, object_key)
+        with open(path, "r+b") as file:
+            file.write(b"X")
+
+    pushed = run_shardfs("push", *store_arguments(values), "--chunk-size", "64KiB", source, "org/m")
+    assert pushed.returncode == 0, pushed.stderr
+    assert pushed.stderr.count("replacing the copy of chunk") == copies
+    repaired = run_shardfs("verify", *store_arguments(values))
+    assert repaired.returncode == 0, repaired.stdout
+
+
 def test_repair_moves_chunks_to_added_member(tmp_path):
     values = local_members(tmp_path, 4)
     push_new_model(values[:3], tmp_path, 2)

@@ -275,44 +275,71 @@ class _ChunkUploader:
     ) -> tuple[str, str, int] | None:
         """Return (codec, transform, stored length) of a good chunk already in the store.
 
-        The object's header, and its size where the header gives it, are
-        always checked against the chunk. With ``check_existing`` the whole
-        object is fetched and decoded too.
+        Returns None when the chunk must be uploaded: it is missing, or a
+        copy is damaged or of an encoding this version does not know. In a
+        placed store every copy of the chunk's placement is checked, and a
+        bad copy is deleted first, because members upload only a chunk they
+        lack.
+        """
+        if not isinstance(self._store, PlacedStore):
+            try:
+                return self._check_copy(self._store, key, object_key, data)
+            except ChunkEncodingUnknown as exc:
+                log.info("rewriting chunk in an encoding this version knows: %s", exc)
+            except (ChunkCorrupt, ObjectInvalid) as exc:
+                log.warning("replacing damaged chunk object: %s", exc)
+            return None
+
+        found = []
+        for member in self._store.placement(key):
+            try:
+                found.append(self._check_copy(member.store, key, object_key, data))
+                continue
+            except ChunkEncodingUnknown as exc:
+                log.info("rewriting the copy of chunk %s on %s: %s", key, member.name, exc)
+            except (ChunkCorrupt, ObjectInvalid) as exc:
+                log.warning("replacing the copy of chunk %s on %s: %s", key, member.name, exc)
+            member.store.delete(object_key)
+            found.append(None)
+        if None in found:
+            return None
+        return found[0]
+
+    def _check_copy(
+        self, store: Store, key: str, object_key: str, data: bytes
+    ) -> tuple[str, str, int] | None:
+        """Check the copy of a chunk on *store*: its header, and its size where
+        the header gives it. With ``check_existing`` the whole object is
+        fetched and decoded too.
+
+        Returns (codec, transform, stored length), or None if *store* lacks
+        the chunk. Raises `ChunkCorrupt`, `ChunkEncodingUnknown` or
+        `ObjectInvalid` for a bad copy.
         """
         length = len(data)
         try:
-            size = self._store.head(object_key)
+            size = store.head(object_key)
             if size is None:
                 return None
-            if self._config.check_existing and isinstance(self._store, PlacedStore):
-                if not self._drop_bad_copies(key, object_key, length):
-                    return None
             if self._config.check_existing:
-                head = self._store.get(object_key)
+                head = store.get(object_key)
                 size = len(head)
             else:
-                head = self._store.get_range(object_key, 0, codec.SIZED_HEAD_LENGTH)
-            header = codec.parse_header(key, head)
-            if header.length != length:
-                raise ChunkCorrupt(key, f"header gives {header.length} bytes, expected {length}")
-            if self._config.check_existing:
-                codec.decode(key, length, head)
-            else:
-                self._check_size(key, object_key, data, head, size)
-        except ObjectInvalid as exc:
-            log.warning("replacing chunk object that is not a file: %s", exc)
-            return None
+                head = store.get_range(object_key, 0, codec.SIZED_HEAD_LENGTH)
         except ObjectNotFound:
             return None
-        except ChunkEncodingUnknown as exc:
-            log.info("rewriting chunk in an encoding this version knows: %s", exc)
-            return None
-        except ChunkCorrupt as exc:
-            log.warning("replacing damaged chunk object: %s", exc)
-            return None
+        header = codec.parse_header(key, head)
+        if header.length != length:
+            raise ChunkCorrupt(key, f"header gives {header.length} bytes, expected {length}")
+        if self._config.check_existing:
+            codec.decode(key, length, head)
+        else:
+            self._check_size(store, key, object_key, data, head, size)
         return header.codec, header.transform, size
 
-    def _check_size(self, key: str, object_key: str, data: bytes, head: bytes, size: int) -> None:
+    def _check_size(
+        self, store: Store, key: str, object_key: str, data: bytes, head: bytes, size: int
+    ) -> None:
         """Raise `ChunkCorrupt` unless the object's *size* fits its encoding.
 
         A raw or split object's header gives its exact size. A zstd frame
@@ -328,26 +355,7 @@ class _ChunkUploader:
             return
         encoded = codec.encode_as(data, "zstd", "none", self._config.zstd_level)
         if size != len(encoded.data):
-            codec.decode(key, len(data), self._store.get(object_key))
-
-    def _drop_bad_copies(self, key: str, object_key: str, length: int) -> bool:
-        """Check each copy of a placed store's chunk, delete the bad ones, and
-        return whether all were good.
-
-        Members only upload a chunk they lack, so a bad copy must go first.
-        """
-        all_good = True
-        for member in self._store.placement(key):
-            try:
-                codec.decode(key, length, member.store.get(object_key))
-                continue
-            except ObjectNotFound:
-                pass
-            except (ObjectInvalid, ChunkCorrupt, ChunkEncodingUnknown) as exc:
-                log.warning("replacing the copy of chunk %s on %s: %s", key, member.name, exc)
-                member.store.delete(object_key)
-            all_good = False
-        return all_good
+            codec.decode(key, len(data), store.get(object_key))
 
 
 def push(
