@@ -25,6 +25,7 @@ from shardfs.stores.base import (
     list_models,
     manifest_object_key,
 )
+from shardfs.stores.placed import PlacedStore
 
 DEFAULT_GRACE_S = 24 * 3600.0
 
@@ -70,20 +71,34 @@ def collect_garbage(
     store.check()
     report = GcReport(dry_run)
     named: set[str] = set()
-    for name in list_models(store):
-        if _add_named_chunks(store, manifest_object_key(name), name, named):
-            report.manifests += 1
+    # Each member of a placed store is read on its own: concurrent pushes
+    # can leave members with different manifests of one model, and a
+    # reader may be served by any of them.
+    if isinstance(store, PlacedStore):
+        sources = [member.store for member in store.members]
+    else:
+        sources = [store]
+    manifests = set()
+    for source in sources:
+        for name in list_models(source):
+            if _add_named_chunks(source, manifest_object_key(name), name, named):
+                manifests.add(name)
+    report.manifests = len(manifests)
 
-    expired_retired = []
-    for info in store.list_info(RETIRED_PREFIX):
-        model = parse_retired_key(info.key)
-        # Objects that retire_manifest did not write are not gc's to delete.
-        if model is None:
-            continue
-        if now() - info.modified >= grace_s:
-            expired_retired.append(info.key)
-        elif _add_named_chunks(store, info.key, model, named):
-            report.retired_kept += 1
+    expired_retired = set()
+    retired_kept = set()
+    for source in sources:
+        for info in source.list_info(RETIRED_PREFIX):
+            model = parse_retired_key(info.key)
+            # Objects that retire_manifest did not write are not gc's to delete.
+            if model is None:
+                continue
+            if now() - info.modified >= grace_s:
+                expired_retired.add(info.key)
+            elif _add_named_chunks(source, info.key, model, named):
+                retired_kept.add(info.key)
+    report.retired_kept = len(retired_kept)
+    expired_retired -= retired_kept
     report.named_chunks = len(named)
 
     doomed = []
