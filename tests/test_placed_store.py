@@ -838,6 +838,19 @@ def test_gc_keeps_chunks_of_every_member_manifest(tmp_path):
     lagging_first = [values[2], values[0], values[1]]
     verified = run_shardfs("verify", *store_arguments(lagging_first), "org/m")
     assert "missing" not in verified.stdout
+    # verify names the members that differ and checks both versions.
+    assert verified.returncode == 1
+    lines = verified.stdout.splitlines()
+    assert lines[0].startswith("org/m: store members hold different manifests: one created ")
+    assert f"on {values[0]}, {values[1]}" in lines[0]
+    assert f"on {values[2]}" in lines[0]
+    assert "shardfs repair copies the newest" in lines[0]
+    assert lines[-1].endswith(": 1 model with different manifests on members")
+
+    repaired = run_shardfs("repair", *store_arguments(values))
+    assert repaired.returncode == 0, repaired.stdout
+    agreed = run_shardfs("verify", *store_arguments(values), "org/m")
+    assert agreed.returncode == 0, agreed.stdout
 
 
 @pytest.mark.parametrize("damage", ["flip", "fifo"])
@@ -1279,7 +1292,11 @@ def test_verify_and_repair_wiped_member(s3_members, moto_servers, tmp_path):
     missing = [line for line in lines if " is missing on s3://member-0-" in line]
     assert len(missing) == len(on_wiped)
     assert all("1 of 2 copies good" in line for line in missing)
-    assert verified.stdout.strip().endswith(f"{len(on_wiped)} missing")
+    # The wiped member lost the manifest too.
+    assert lines[0].startswith("org/m: store members hold different manifests: none on s3://member-0-")
+    assert verified.stdout.strip().endswith(
+        f"{len(on_wiped)} missing, 1 model with different manifests on members"
+    )
 
     repaired = run_shardfs("repair", *store_arguments(s3_members))
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr

@@ -65,6 +65,9 @@ def _summary(report) -> str:
     unreadable = report.count("manifest")
     if unreadable:
         parts.append(f"{plural(unreadable, 'model')} not found or invalid")
+    diverged = report.count("diverged")
+    if diverged:
+        parts.append(f"{plural(diverged, 'model')} with different manifests on members")
     mismatched = report.count("content")
     if mismatched:
         parts.append(f"{plural(mismatched, 'file')} not matching its sha256")

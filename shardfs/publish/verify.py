@@ -11,6 +11,7 @@ than the store's replicas is reported once per bad copy.
 import concurrent.futures
 import dataclasses
 import hashlib
+import time
 
 from shardfs import codec
 from shardfs.errors import (
@@ -43,8 +44,10 @@ class Problem:
     """One thing wrong with a model: a bad manifest or a bad chunk."""
 
     model: str
-    # missing, corrupt or unsupported for a chunk; manifest for the model
-    # itself; content for a file whose chunks do not give its sha256
+    # The kind of problem. A chunk is missing, corrupt or unsupported. The
+    # model itself has a manifest problem, or diverged when members of a
+    # placed store hold different manifests. A file whose chunks do not
+    # give its sha256 has a content problem.
     kind: str
     detail: str
     path: str = ""
@@ -110,10 +113,12 @@ def verify_models(
     report = VerifyReport()
     manifests = []
     for name in names or listed:
-        manifest = _load_manifest(store, name, report)
-        if manifest is not None:
-            manifests.append(manifest)
-    report.models = len(manifests)
+        if isinstance(store, PlacedStore):
+            found = _load_member_manifests(store, name, report)
+        else:
+            found = [_load_manifest(store, name, report)]
+        manifests.extend(manifest for manifest in found if manifest is not None)
+    report.models = len({manifest.name for manifest in manifests})
 
     # Each distinct (key, length) once, with every place that names it.
     places: dict[tuple[str, int], list[tuple[str, str, int, int]]] = {}
@@ -188,6 +193,60 @@ def _load_manifest(store: Store, name: str, report: VerifyReport) -> Manifest | 
     except (ManifestInvalid, ObjectInvalid) as exc:
         report.problems.append(Problem(name, "manifest", f"manifest is invalid: {exc.reason}"))
     return None
+
+
+def _load_member_manifests(store: PlacedStore, name: str, report: VerifyReport) -> list[Manifest]:
+    """Return every distinct manifest of *name* on the members of *store*.
+
+    Members should hold the same manifest, but two pushes that ran at once
+    can leave different ones, and a reader is served the one of the first
+    member it tries. Members that differ are reported, and the chunks of
+    every version are checked.
+    """
+    holders: dict[bytes | None, list[str]] = {}
+    for member in store.members:
+        try:
+            data = member.store.get(manifest_object_key(name))
+        except ObjectNotFound:
+            data = None
+        except ObjectInvalid as exc:
+            report.problems.append(
+                Problem(name, "manifest", f"manifest on {member.name} is invalid: {exc.reason}")
+            )
+            continue
+        holders.setdefault(data, []).append(member.name)
+    if set(holders) <= {None}:
+        report.problems.append(Problem(name, "manifest", "model not found"))
+        return []
+
+    manifests = []
+    versions = []
+    for data, members in holders.items():
+        where = ", ".join(members)
+        if data is None:
+            versions.append(f"none on {where}")
+            continue
+        try:
+            manifest = parse_manifest(name, data)
+        except ManifestInvalid as exc:
+            report.problems.append(
+                Problem(name, "manifest", f"manifest on {where} is invalid: {exc.reason}")
+            )
+            versions.append(f"an invalid one on {where}")
+            continue
+        manifests.append(manifest)
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(manifest.created_ns / 1e9))
+        versions.append(f"one created {created} UTC on {where}")
+    if len(holders) > 1:
+        report.problems.append(
+            Problem(
+                name,
+                "diverged",
+                f"store members hold different manifests: {'; '.join(versions)}; "
+                "shardfs repair copies the newest to every member",
+            )
+        )
+    return manifests
 
 
 def _check_chunk(store: Store, key: str, length: int) -> tuple[str, str] | None:
