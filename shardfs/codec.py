@@ -40,7 +40,7 @@ import xxhash
 import zstandard
 
 from shardfs import _grouping
-from shardfs.errors import ChunkCorrupt, ChunkEncodingUnknown
+from shardfs.errors import ChunkCorrupt, ChunkEncodingUnknown, ChunkLengthWrong
 
 HEADER = struct.Struct("<4sBBHQ")
 HEADER_SIZE = HEADER.size
@@ -307,9 +307,44 @@ def decode(key: str, expected_length: int, data: bytes) -> bytes:
     """
     header = parse_header(key, data)
     if header.length != expected_length:
-        raise ChunkCorrupt(
-            key, f"header says {header.length} bytes, expected {expected_length}"
-        )
+        # Tell a wrong length in the manifest from a damaged header, by
+        # decoding with the header's length where the payload agrees with it.
+        if _payload_fits(key, header, data):
+            try:
+                _decode_payload(key, header, data)
+            except ChunkCorrupt:
+                pass
+            else:
+                raise ChunkLengthWrong(key, header.length, expected_length)
+        raise ChunkCorrupt(key, f"header says {header.length} bytes, expected {expected_length}")
+    return _decode_payload(key, header, data)
+
+
+# No chunk is longer: push cuts chunks of at most 1 GiB.
+MAX_CHUNK_LENGTH = 1 << 30
+
+
+def _payload_fits(key: str, header: ChunkHeader, data: bytes) -> bool:
+    """Return whether the payload's own sizes agree with the header's length,
+    which is checked before a buffer of that length is allocated."""
+    if header.length > MAX_CHUNK_LENGTH:
+        return False
+    payload = memoryview(data)[HEADER_SIZE:]
+    if header.codec == "raw":
+        return len(payload) == header.length
+    if header.codec == "zstd":
+        try:
+            return zstandard.frame_content_size(payload) == header.length
+        except zstandard.ZstdError:
+            return False
+    try:
+        return stored_size(key, data) == len(data)
+    except ChunkCorrupt:
+        return False
+
+
+def _decode_payload(key: str, header: ChunkHeader, data: bytes) -> bytes:
+    expected_length = header.length
     payload = memoryview(data)[HEADER_SIZE:]
     if header.codec == "zstd":
         decoded = _decompress(key, payload, expected_length)

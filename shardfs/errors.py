@@ -70,6 +70,22 @@ class ChunkCorrupt(ShardfsError):
         self.reason = reason
 
 
+class ChunkLengthWrong(ChunkCorrupt):
+    """A good chunk object whose manifest gives it another length.
+
+    The object decodes to bytes that match its key, so the manifest is
+    wrong, not the object: fetching again cannot help, and the copy is
+    not damaged.
+    """
+
+    def __init__(self, key: str, actual: int, expected: int):
+        super().__init__(
+            key, f"the chunk object is {actual} bytes and good, but the manifest gives {expected}"
+        )
+        self.actual = actual
+        self.expected = expected
+
+
 class ChunkEncodingUnknown(ChunkCorrupt):
     """A chunk object names a codec or transform this version does not define.
 

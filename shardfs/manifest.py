@@ -28,7 +28,7 @@ MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 MAX_FILES = 100_000
 # 1 EiB: far past any real model, small enough that sums stay exact.
 MAX_FILE_SIZE = 1 << 60
-MAX_CHUNK_LENGTH = 1 << 30
+MAX_CHUNK_LENGTH = codec.MAX_CHUNK_LENGTH
 MAX_PATH_DEPTH = 32
 MAX_NAME_BYTES = 255
 

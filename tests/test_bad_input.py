@@ -911,25 +911,33 @@ def store_with_wrong_length(tmp_path):
 
 
 @needs_fuse
-@pytest.mark.parametrize("shared_first", [True, False], ids=["shared-chunk-read-first", "alone"])
-def test_chunk_of_other_length_fails(store_with_wrong_length, tmp_path, shared_first):
+@pytest.mark.parametrize("order", ["good-first", "bad-first"])
+def test_chunk_of_other_length_fails(store_with_wrong_length, tmp_path, order):
     store, source = store_with_wrong_length
+    small_path = os.path.join("org", "m", "small.bin")
+    bad_path = os.path.join("org", "bad", "weights.bin")
     with mounted(store, str(tmp_path / "mnt")) as mount:
-        mount.expect_log(r"read failed with EIO .*is corrupt: .*bytes")
-        if shared_first:
-            with open(os.path.join(mount.path, "org", "m", "small.bin"), "rb") as file:
-                assert file.read() == b'{"a":1}\n'
-        path = os.path.join(mount.path, "org", "bad", "weights.bin")
+        mount.expect_log(r"read failed with EIO .*the manifest gives 65536")
+        if order == "good-first":
+            with open(os.path.join(mount.path, small_path), "rb") as file:
+                small_before = file.read()
+        path = os.path.join(mount.path, bad_path)
         size = os.stat(path).st_size
         with open(path, "rb", buffering=0) as file:
             first_chunk = os.pread(file.fileno(), CHUNK_SIZE, 0)
             with pytest.raises(OSError) as raised:
                 os.pread(file.fileno(), CHUNK_SIZE, CHUNK_SIZE)
         size_after = os.stat(path).st_size
+        # The good model's reader is not failed by the bad manifest's read.
+        with open(os.path.join(mount.path, small_path), "rb") as file:
+            small_after = file.read()
 
     assert raised.value.errno == errno.EIO
     assert first_chunk == (source / "weights.bin").read_bytes()[:CHUNK_SIZE]
     assert size_after == size == 3 * CHUNK_SIZE + 100
+    assert small_after == b'{"a":1}\n'
+    if order == "good-first":
+        assert small_before == small_after
 
 
 # A damaged chunk in the store

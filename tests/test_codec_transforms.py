@@ -20,7 +20,7 @@ import zstandard
 
 from conftest import mounted, needs_fuse, run_shardfs
 from shardfs import _grouping, codec
-from shardfs.errors import ChunkCorrupt, ChunkEncodingUnknown, ManifestInvalid
+from shardfs.errors import ChunkCorrupt, ChunkEncodingUnknown, ChunkLengthWrong, ManifestInvalid
 from shardfs.manifest import ChunkRef, FileEntry, Manifest, parse_manifest, to_json
 
 ENCODINGS = [
@@ -87,6 +87,23 @@ def test_stored_size_from_head(codec_name, transform):
             head = encoded.data[: codec.SIZED_HEAD_LENGTH]
             expected = None if codec_name == "zstd" else len(encoded.data)
             assert codec.stored_size(encoded.key, head) == expected, (length, element_offset)
+
+
+@pytest.mark.parametrize("codec_name, transform", ENCODINGS)
+def test_decode_tells_wrong_length_from_damage(codec_name, transform):
+    data = tensor_bytes(torch.bfloat16, 65_536)
+    encoded = codec.encode_as(data, codec_name, transform)
+    with pytest.raises(ChunkLengthWrong) as raised:
+        codec.decode(encoded.key, len(data) + 10, encoded.data)
+    assert raised.value.actual == len(data)
+
+    # A header whose length was changed does not fit its payload.
+    for length in (len(data) + 10, len(data) - 2, 1 << 62):
+        damaged = bytearray(encoded.data)
+        struct.pack_into("<Q", damaged, 8, length)
+        with pytest.raises(ChunkCorrupt) as raised:
+            codec.decode(encoded.key, len(data), bytes(damaged))
+        assert not isinstance(raised.value, ChunkLengthWrong), length
 
 
 def test_stored_size_rejects_short_stream_table():

@@ -301,6 +301,21 @@ def test_verify_check_files_finds_edited_manifest(two_models, change):
     assert lines[-1].endswith("2 files read whole: 1 file not matching its sha256")
 
 
+def test_verify_names_wrong_chunk_length(two_models):
+    def lengthen_last_chunk(entry: dict) -> None:
+        entry["chunks"][-1]["length"] += 10
+        entry["size"] += 10
+
+    _edit_manifest(two_models, "org/a", lengthen_last_chunk)
+    result = run_shardfs("verify", two_models.root, "org/a")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert "the manifest gives chunk " in lines[0]
+    assert "a wrong length: the chunk object is " in lines[0]
+    assert "push its model again" in lines[1]
+    assert lines[-1].endswith(": 1 mislabeled")
+
+
 def test_verify_check_files_all_good(two_models):
     result = run_shardfs("verify", "--check-files", two_models.root, "org/b")
     assert result.returncode == 0, result.stdout

@@ -43,9 +43,9 @@ def run(args) -> int:
             "to replace missing or corrupt chunks, push each model named above again "
             "from its original files with --check-existing"
         )
-    if report.count("content"):
+    if report.count("content") or report.count("mislabeled"):
         print(
-            "a file whose chunks do not give its sha256 has a damaged or edited manifest: "
+            "a damaged or edited manifest names good chunks wrongly: "
             "push its model again from the original files"
         )
     files = f", {plural(report.files_checked, 'file')} read whole" if args.check_files else ""
@@ -59,7 +59,7 @@ def run(args) -> int:
 def _summary(report) -> str:
     parts = [
         f"{report.chunks_with(kind)} {kind}"
-        for kind in ("missing", "corrupt", "unsupported")
+        for kind in ("missing", "corrupt", "unsupported", "mislabeled")
         if report.chunks_with(kind)
     ]
     unreadable = report.count("manifest")

@@ -27,7 +27,7 @@ import trio
 
 from shardfs import codec
 from shardfs.config import RetryConfig
-from shardfs.errors import ChunkCorrupt, ChunkUnavailable, StoreUnavailable
+from shardfs.errors import ChunkCorrupt, ChunkLengthWrong, ChunkUnavailable, StoreUnavailable
 from shardfs.manifest import ChunkRef
 from shardfs.mount.disk_cache import DiskCache
 from shardfs.mount.memory_cache import MemoryCache
@@ -75,8 +75,10 @@ class ChunkSourceStats:
 class _Flight:
     """One lookup-or-fetch of a chunk in progress; waiters share its outcome."""
 
-    def __init__(self, priority: int) -> None:
+    def __init__(self, priority: int, length: int) -> None:
         self.ticket = Ticket(priority)
+        # The chunk's length in the manifest of the read that started it.
+        self.length = length
         self.done = trio.Event()
         self.data: bytes | None = None
         self.error: BaseException | None = None
@@ -114,7 +116,7 @@ class ChunkSource:
         self._flights: dict[str, _Flight] = {}
         self._retry = retry
         # Chunks that failed for good: key -> (time the entry expires, error).
-        self._failures: dict[str, tuple[float, BaseException]] = {}
+        self._failures: dict[str, tuple[float, BaseException, int]] = {}
         self.connections = PriorityLimiter(connections)
         self.max_abandoned = connections if max_abandoned is None else max_abandoned
         # Abandoned requests that gave their slot back and still run.
@@ -254,7 +256,7 @@ class ChunkSource:
 
             flight = self._flights.get(chunk.key)
             if flight is None:
-                self._raise_recent_failure(chunk.key)
+                self._raise_recent_failure(chunk)
                 return await self._lead_flight(chunk, priority)
 
             if priority == DEMAND:
@@ -263,6 +265,10 @@ class ChunkSource:
             # A cancelled leader tells nothing about the chunk, so
             # its waiters start a new flight instead of sharing the cancel.
             if isinstance(flight.error, trio.Cancelled):
+                continue
+            # A flight for another length in the manifest may have failed on
+            # that length alone, so this read starts its own flight.
+            if flight.error is not None and flight.length != chunk.length:
                 continue
             if flight.error is not None:
                 raise flight.error
@@ -291,7 +297,7 @@ class ChunkSource:
             self._prefetch_bytes -= chunk.length
 
     async def _lead_flight(self, chunk: ChunkRef, priority: int) -> bytes:
-        flight = _Flight(priority)
+        flight = _Flight(priority, chunk.length)
         self._flights[chunk.key] = flight
         try:
             flight.data = await self._load(chunk, flight)
@@ -302,20 +308,21 @@ class ChunkSource:
             if isinstance(exc, Exception):
                 self.stats.failed_chunks += 1
                 expires = trio.current_time() + self._retry.failure_ttl_s
-                self._failures[chunk.key] = (expires, exc)
+                self._failures[chunk.key] = (expires, exc, chunk.length)
             raise
         finally:
             del self._flights[chunk.key]
             flight.done.set()
 
-    def _raise_recent_failure(self, key: str) -> None:
-        failure = self._failures.get(key)
+    def _raise_recent_failure(self, chunk: ChunkRef) -> None:
+        failure = self._failures.get(chunk.key)
         if failure is None:
             return
-        expires, error = failure
-        if trio.current_time() < expires:
+        expires, error, length = failure
+        if trio.current_time() >= expires:
+            del self._failures[chunk.key]
+        elif length == chunk.length:
             raise error
-        del self._failures[key]
 
     async def _load(self, chunk: ChunkRef, flight: _Flight) -> bytes:
         if self.disk is not None and chunk.key in self.disk:
@@ -364,6 +371,9 @@ class ChunkSource:
                 raise ChunkUnavailable(
                     chunk.key, attempt, trio.current_time() - started, last_error
                 ) from None
+            except ChunkLengthWrong:
+                # The manifest is wrong, so another fetch cannot help.
+                raise
             except TRANSIENT_ERRORS as exc:
                 last_error = exc
                 corrupt += isinstance(exc, ChunkCorrupt)
@@ -415,6 +425,10 @@ class ChunkSource:
                 data = await trio.to_thread.run_sync(
                     codec.decode, chunk.key, chunk.length, stored
                 )
+        except ChunkLengthWrong:
+            # The copy is good and the manifest wrong, so the copy is not
+            # reported as bad.
+            raise
         except ChunkCorrupt:
             self.stats.corrupt_chunks += 1
             # A store with replicas serves the next attempt from another copy.
@@ -489,7 +503,7 @@ class ChunkSource:
 
 def _check_length(chunk: ChunkRef, data: bytes) -> bytes:
     """Return *data*, the verified bytes of *chunk*'s key, if the manifest
-    gives their length; else raise `ChunkCorrupt`.
+    gives their length; else raise `ChunkLengthWrong`.
 
     Another manifest, or another file of one, may name the same key with
     its true length. A slice of the shared copy would then give a reader
@@ -500,8 +514,8 @@ def _check_length(chunk: ChunkRef, data: bytes) -> bytes:
     return data
 
 
-def _wrong_length(chunk: ChunkRef, actual: int) -> ChunkCorrupt:
-    return ChunkCorrupt(chunk.key, f"it is {actual} bytes, but the manifest gives {chunk.length}")
+def _wrong_length(chunk: ChunkRef, actual: int) -> ChunkLengthWrong:
+    return ChunkLengthWrong(chunk.key, actual, chunk.length)
 
 
 def _log_retry(key: str, attempt: int, delay: float, exc: Exception) -> None:

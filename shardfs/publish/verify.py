@@ -17,6 +17,7 @@ from shardfs import codec
 from shardfs.errors import (
     ChunkCorrupt,
     ChunkEncodingUnknown,
+    ChunkLengthWrong,
     ManifestInvalid,
     ObjectInvalid,
     ObjectNotFound,
@@ -44,9 +45,10 @@ class Problem:
     """One thing wrong with a model: a bad manifest or a bad chunk."""
 
     model: str
-    # The kind of problem. A chunk is missing, corrupt or unsupported. The
-    # model itself has a manifest problem, or diverged when members of a
-    # placed store hold different manifests. A file whose chunks do not
+    # The kind of problem. A chunk is missing, corrupt or unsupported, or
+    # mislabeled when it is good but the manifest gives it another length.
+    # The model itself has a manifest problem, or diverged when members of
+    # a placed store hold different manifests. A file whose chunks do not
     # give its sha256 has a content problem.
     kind: str
     detail: str
@@ -60,11 +62,11 @@ class Problem:
     def describe(self) -> str:
         if not self.key:
             return f"{self.model}: {self.detail}"
+        place = f"{self.model}/{self.path} bytes {self.start}-{self.end}"
+        if self.kind == "mislabeled":
+            return f"{place}: the manifest gives chunk {self.key} a wrong length: {self.detail}"
         where = f" on {self.member}" if self.member else ""
-        return (
-            f"{self.model}/{self.path} bytes {self.start}-{self.end}: chunk {self.key} "
-            f"is {self.kind}{where}: {self.detail}"
-        )
+        return f"{place}: chunk {self.key} is {self.kind}{where}: {self.detail}"
 
 
 @dataclasses.dataclass
@@ -262,6 +264,8 @@ def _check_chunk(store: Store, key: str, length: int) -> tuple[str, str] | None:
     except ChunkEncodingUnknown as exc:
         # A newer shardfs may have written it, or its header is damaged.
         return "unsupported", f"{exc.reason}, or {UNSUPPORTED_HINT}"
+    except ChunkLengthWrong as exc:
+        return "mislabeled", exc.reason
     except ChunkCorrupt as exc:
         return "corrupt", exc.reason
     return None
@@ -277,6 +281,11 @@ def _check_copies(store: PlacedStore, key: str, length: int) -> list[tuple[str, 
             bad.append((member, *outcome))
     if not bad:
         return []
+    # A good copy named with a wrong length is reported once, as the
+    # manifest's fault, not once per copy.
+    for member, kind, detail in bad:
+        if kind == "mislabeled":
+            return [(kind, detail, "")]
     good = len(placement) - len(bad)
     summary = f"{good} of {len(placement)} copies good"
     others = store.rank(key)[len(placement) :]
