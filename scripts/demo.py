@@ -111,9 +111,19 @@ def _removal_commands(store: str, endpoint_flags: list[str]) -> str:
     """Return the shell commands that remove the demo's models from *store*,
     then run gc with no grace period, which frees their space."""
     options = shlex.join([*endpoint_flags, store])
-    commands = [f"shardfs rm {options} {name}" for name in (MODEL_NAME, MODEL_NAME + "-torch")]
-    commands.append(f"shardfs gc --grace 0 {options}")
+    program = shlex.quote(_shardfs_program())
+    commands = [
+        f"{program} rm {options} {shlex.quote(name)}" for name in (MODEL_NAME, MODEL_NAME + "-torch")
+    ]
+    commands.append(f"{program} gc --grace 0 {options}")
     return " && ".join(commands)
+
+
+def _shardfs_program() -> str:
+    """Return the shardfs command installed beside this Python, as in the
+    set-up script's .venv/bin, or plain "shardfs" when there is none."""
+    beside = os.path.join(os.path.dirname(sys.executable), "shardfs")
+    return beside if os.access(beside, os.X_OK) else "shardfs"
 
 
 def _default_store() -> str:
