@@ -34,6 +34,7 @@ from shardfs.commands import store_config
 from shardfs.config import MountConfig, RetryConfig, StoreConfig
 from shardfs.errors import (
     ChunkCorrupt,
+    ObjectInvalid,
     ObjectNotFound,
     StoreNotFound,
     StoreUnavailable,
@@ -515,6 +516,25 @@ def test_fifo_copy_read_from_other_member(tmp_path):
     assert store.get(key) == chunk.data
     # A damaged object is no outage of its member.
     assert first.health.healthy(first.store.check)
+
+
+def test_fifo_copy_and_missing_copy_fail_at_once(tmp_path):
+    stores = [LocalStore(str(tmp_path / name)) for name in ("a", "b")]
+    members = tuple(MemberConfig(StoreConfig(url=store.url)) for store in stores)
+    store = PlacedStore(PlacedStoreConfig(members, 2, failure_threshold=1), stores)
+    chunk = encoded_chunk(22)
+    key = chunk_object_key(chunk.key)
+    store.put(key, chunk.data)
+    first, second = store.placement(chunk.key)
+    path = os.path.join(first.store.root, key)
+    os.unlink(path)
+    os.mkfifo(path)
+    os.unlink(os.path.join(second.store.root, key))
+
+    # Both members responded, so this is damage to report, not an outage
+    # to wait out.
+    with pytest.raises(ObjectInvalid):
+        store.get(key)
 
 
 def test_bad_copy_report_unknown_key():

@@ -586,8 +586,9 @@ class PlacedStore:
         The next member is started when the running ones have all failed,
         or when none has responded within the hedge delay. Returns the first
         result and the member that gave it. Raises `ObjectNotFound` when
-        every member lacks the object, the member's error when every member
-        failed alike, and `StoreUnavailable` otherwise.
+        every member lacks the object, `ObjectInvalid` when the others lack
+        it, the member's error when every member failed alike, and
+        `StoreUnavailable` otherwise.
         """
         pending: dict[concurrent.futures.Future, Member] = {}
         # Requests already counted against their member for being slow.
@@ -630,6 +631,10 @@ class PlacedStore:
             raise ObjectNotFound(key)
         if len(errors) == len(order):
             raise _combined_error(self.url, errors)
+        # Every member responded: the object is missing or damaged on each,
+        # which waiting for them does not change.
+        if all(isinstance(exc, ObjectInvalid) for _, exc in errors):
+            raise errors[0][1]
         raise StoreUnavailable(self.url, _describe(errors))
 
 
