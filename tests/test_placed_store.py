@@ -837,7 +837,10 @@ def test_push_and_gc_local_members(tmp_path):
         assert list(member.store.list("models/")) == []
 
 
-def test_gc_keeps_chunks_of_every_member_manifest(tmp_path):
+def diverged_members(tmp_path) -> tuple[list[str], PlacedStore, dict, dict]:
+    """Push two versions of org/m to three members, and leave the last
+    member with the first version's manifest, as two pushes that ran at
+    once can. Returns the members, the store and each version's chunks."""
     values = local_members(tmp_path, 3)
     push_new_model(values, tmp_path, 1)
     store = placed_from_values(values)
@@ -846,10 +849,15 @@ def test_gc_keeps_chunks_of_every_member_manifest(tmp_path):
     with open(lagging, "rb") as file:
         old_manifest = file.read()
     push_new_model(values, tmp_path, 2)
-    # Two pushes that ran at once can leave one member with the older
-    # manifest, which a reader given that member first is served.
+    new_chunks = named_chunks(store, "org/m")
     with open(lagging, "wb") as file:
         file.write(old_manifest)
+    return values, store, old_chunks, new_chunks
+
+
+def test_gc_keeps_chunks_of_every_member_manifest(tmp_path):
+    # A reader given the lagging member first is served the old version.
+    values, store, old_chunks, _ = diverged_members(tmp_path)
 
     collected = run_shardfs("gc", *store_arguments(values), "--grace", "0")
     assert collected.returncode == 0, collected.stderr
@@ -871,6 +879,34 @@ def test_gc_keeps_chunks_of_every_member_manifest(tmp_path):
     assert repaired.returncode == 0, repaired.stdout
     agreed = run_shardfs("verify", *store_arguments(values), "org/m")
     assert agreed.returncode == 0, agreed.stdout
+
+
+def _age_objects(values: list[str], seconds: float) -> None:
+    for value in values:
+        for directory, _, names in os.walk(value):
+            for name in names:
+                path = os.path.join(directory, name)
+                info = os.stat(path)
+                os.utime(path, (info.st_atime - seconds, info.st_mtime - seconds))
+
+
+@pytest.mark.parametrize("replace", ["rm", "repair"])
+def test_replacing_diverged_manifests_retires_each(tmp_path, replace):
+    values, store, old_chunks, new_chunks = diverged_members(tmp_path)
+    # Everything is old, so only the retired copies that rm or repair
+    # write now keep chunks from gc.
+    _age_objects(values, 7200)
+
+    if replace == "rm":
+        replaced = run_shardfs("rm", *store_arguments(values), "org/m")
+    else:
+        replaced = run_shardfs("repair", *store_arguments(values))
+    assert replaced.returncode == 0, replaced.stdout + replaced.stderr
+    collected = run_shardfs("gc", *store_arguments(values), "--grace", "1h")
+    assert collected.returncode == 0, collected.stderr
+
+    for key in {**old_chunks, **new_chunks}:
+        assert holders_of(store, key) == placement_of(store, key), key
 
 
 @pytest.mark.parametrize("damage", ["flip", "fifo"])

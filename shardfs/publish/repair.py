@@ -43,7 +43,12 @@ from shardfs.errors import (
 )
 from shardfs.manifest import Manifest, parse_manifest
 from shardfs.publish.progress import ProgressBar
-from shardfs.publish.retire import RETIRED_PREFIX, parse_retired_key, retired_model_name
+from shardfs.publish.retire import (
+    RETIRED_PREFIX,
+    parse_retired_key,
+    retire_copy,
+    retired_model_name,
+)
 from shardfs.stores.base import (
     CHUNKS_PREFIX,
     MANIFEST_SUFFIX,
@@ -365,6 +370,9 @@ def _sync_manifests(
     `shardfs rm` again removes it.
     """
     for key, copies in manifests.items():
+        if key.startswith(MODELS_PREFIX) and not report.dry_run:
+            if not _retire_replaced(store, copies, report):
+                continue
         for member in store.members:
             if copies.held.get(member.index) == copies.data:
                 continue
@@ -375,6 +383,24 @@ def _sync_manifests(
                 report.failures.append(f"manifest {key} on {member.name}: {exc}")
                 continue
             report.manifests_copied += 1
+
+
+def _retire_replaced(store: PlacedStore, copies: _ManifestCopies, report: RepairReport) -> bool:
+    """Retire each other manifest that members hold before the newest replaces it.
+
+    Readers that loaded one of them keep its chunks until gc's grace period
+    has passed, as after a push. Returns False, after noting the failure,
+    when a retired copy could not be written, so no copy is replaced.
+    """
+    others = dict.fromkeys(data for data in copies.held.values() if data != copies.data)
+    for data in others:
+        try:
+            retire_copy(store, copies.manifest.name, data)
+        except StoreError as exc:
+            name = copies.manifest.name
+            report.failures.append(f"retired copy of the manifest of {name}: {exc}")
+            return False
+    return True
 
 
 def describe(report: RepairReport, elapsed_s: float) -> str:

@@ -16,6 +16,7 @@ import time
 from shardfs.errors import ManifestInvalid, ModelNotFound, ObjectInvalid, ObjectNotFound
 from shardfs.manifest import check_model_name, is_newer_version, parse_manifest
 from shardfs.stores.base import Store, manifest_object_key
+from shardfs.stores.placed import PlacedStore
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +34,39 @@ def retire_manifest(store: Store, name: str) -> str | None:
     have loaded (damaged, or not a file), which would only make gc stop.
     A manifest of a newer format version is kept, for newer readers. The
     current manifest is left in place: the caller replaces or deletes it.
+
+    In a placed store each member's copy is read, because two pushes that
+    ran at once can leave members with different manifests, and readers
+    may hold any of them. Each distinct one is retired, and the key of the
+    first is returned.
     """
+    object_key = manifest_object_key(name)
+    if isinstance(store, PlacedStore):
+        copies = [_read_copy(member.store, object_key, name) for member in store.members]
+    else:
+        copies = [_read_copy(store, object_key, name)]
+    retired = None
+    for data in dict.fromkeys(copy for copy in copies if copy is not None):
+        key = retire_copy(store, name, data)
+        retired = retired or key
+    return retired
+
+
+def _read_copy(store: Store, object_key: str, name: str) -> bytes | None:
     try:
-        data = store.get(manifest_object_key(name))
+        return store.get(object_key)
     except ObjectNotFound:
         return None
     except ObjectInvalid as exc:
         log.warning("keeping no retired copy of the manifest of %s: %s", name, exc.reason)
         return None
+
+
+def retire_copy(store: Store, name: str, data: bytes) -> str | None:
+    """Write the manifest *data* of *name* to a new retired key and return it.
+
+    Returns None, writing nothing, for data that no reader can have loaded.
+    """
     try:
         parse_manifest(name, data)
     except ManifestInvalid as exc:
