@@ -42,6 +42,7 @@ from shardfs.errors import (
 )
 from shardfs.manifest import ChunkRef, parse_manifest
 from shardfs.mount.chunk_source import ChunkSource
+from shardfs.mount.listing import fetch_manifests
 from shardfs.mount.memory_cache import MemoryCache
 from shardfs.stores import open_store
 from shardfs.stores.base import ObjectInfo, chunk_object_key, manifest_object_key
@@ -387,7 +388,13 @@ def test_moved_member_directory_marked_unhealthy(tmp_path, caplog):
     clock.now += 31
     store.get(chunk_object_key(chunks[0].key))
     assert wait_for(lambda: store.unhealthy_members() == 0)
-    recovered = [r.getMessage() for r in caplog.records if "passed its probe" in r.getMessage()]
+
+    # The probe thread logs its line just after it marks the member healthy.
+    def recovered_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "passed its probe" in r.getMessage()]
+
+    assert wait_for(lambda: recovered_lines())
+    recovered = recovered_lines()
     assert len(recovered) == 1, recovered
     assert recovered[0].startswith(f"store member {stores[0].url} (id a)")
     assert store.get(chunk_object_key(chunks[1].key)) == chunks[1].data
@@ -630,6 +637,20 @@ def test_manifest_missing_on_first_member_read_next():
     assert store.get(key) == b"{}"
     assert store.head(key) == 2
     assert store.stat(key).size == 2
+
+
+def test_listing_skips_invalid_member_manifest(tmp_path):
+    values = local_members(tmp_path, 3)
+    push_new_model(values, tmp_path, 1)
+    store = placed_from_values(values)
+    key = manifest_object_key("org/m")
+    good = store.members[1].store.get(key)
+    with open(os.path.join(values[0], key), "r+b") as file:
+        file.truncate(100)
+
+    manifests, unavailable = fetch_manifests(store)
+    assert manifests == {"org/m": good}
+    assert unavailable == set()
 
 
 def test_write_tries_every_member_then_raises():

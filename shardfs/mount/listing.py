@@ -21,6 +21,7 @@ from shardfs.manifest import Manifest, parse_manifest
 from shardfs.mount.tree import Tree
 from shardfs.stores import Store, list_models
 from shardfs.stores.base import manifest_object_key
+from shardfs.stores.placed import PlacedStore
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,51 @@ def fetch_manifests(
 def _get_manifest(store: Store, name: str) -> bytes:
     for attempt in range(1, MANIFEST_ATTEMPTS + 1):
         try:
-            return store.get(manifest_object_key(name))
+            data = store.get(manifest_object_key(name))
         except StoreUnavailable:
             if attempt == MANIFEST_ATTEMPTS:
                 raise
             time.sleep(MANIFEST_RETRY_DELAY_S * 2 ** (attempt - 1))
+            continue
+        if isinstance(store, PlacedStore):
+            return _valid_member_copy(store, name, data)
+        return data
     raise AssertionError("unreachable")
+
+
+_REPORTED_INVALID_COPIES: set[tuple[str, bytes]] = set()
+
+
+def _valid_member_copy(store: PlacedStore, name: str, data: bytes) -> bytes:
+    """Return *data*, the manifest of *name* that the placed *store* served,
+    or if it is invalid, a valid copy from another member.
+
+    Members hold copies of every manifest, so one damaged copy does not
+    hide the model. Without a valid copy, *data* is returned and rejected
+    by the caller.
+    """
+    try:
+        parse_manifest(name, data)
+        return data
+    except ManifestInvalid:
+        pass
+    for member in store.members:
+        try:
+            copy = member.store.get(manifest_object_key(name))
+            parse_manifest(name, copy)
+        except (StoreError, ManifestInvalid):
+            continue
+        # Logged once per model and served copy, not at every refresh.
+        if (name, copy) not in _REPORTED_INVALID_COPIES:
+            _REPORTED_INVALID_COPIES.add((name, copy))
+            log.warning(
+                "the manifest of %r is invalid on a store member; serving the valid copy "
+                "of %s; shardfs repair copies it to every member",
+                name,
+                member.name,
+            )
+        return copy
+    return data
 
 
 # The file in a listing copy that names its store; no model has this name,
