@@ -6,6 +6,7 @@ when a command that writes to a store gets SIGTERM.
 """
 
 import argparse
+import sys
 
 from shardfs import __version__
 from shardfs.commands import (
@@ -73,9 +74,21 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
     does not show the command's options.
     """
     args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args
+    if not unknown:
+        return args
+    # argparse takes positionals in one run, so in `verify STORE --check-files
+    # NAME` it leaves NAME over. The command's own arguments are parsed again
+    # with options and positionals mixed; what is still left is an error.
+    words = list(sys.argv[1:] if argv is None else argv)
+    command_words = words[words.index(args.command) + 1 :]
+    command_parser = args.command_parser
+    # Only the options before the command are kept: argparse warns about a
+    # namespace that already has the command's positionals.
+    positionals = {action.dest for action in command_parser._actions if not action.option_strings}
+    namespace = argparse.Namespace(
+        **{name: value for name, value in vars(args).items() if name not in positionals}
+    )
+    return command_parser.parse_intermixed_args(command_words, namespace=namespace)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -322,6 +322,12 @@ def test_verify_check_files_all_good(two_models):
     assert result.stdout.strip().endswith("1 file read whole: all good")
 
 
+def test_verify_options_between_positionals(two_models):
+    result = run_shardfs("verify", two_models.root, "--check-files", "org/b")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("1 file read whole: all good")
+
+
 def test_verify_check_files_skips_damaged_file(two_models):
     key = sorted(chunk_keys(two_models, "org/a") - chunk_keys(two_models, "org/b"))[0]
     os.unlink(os.path.join(two_models.root, chunk_object_key(key)))
