@@ -653,6 +653,22 @@ def test_listing_skips_invalid_member_manifest(tmp_path):
     assert unavailable == set()
 
 
+def test_ls_and_verify_use_valid_member_manifest(tmp_path):
+    values = local_members(tmp_path, 3)
+    push_new_model(values, tmp_path, 1)
+    with open(os.path.join(values[0], manifest_object_key("org/m")), "r+b") as file:
+        file.write(b"{{")
+
+    listed = run_shardfs("ls", *store_arguments(values))
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert listed.stdout.startswith("org/m\t1 file\t")
+    verified = run_shardfs("verify", *store_arguments(values))
+    assert verified.returncode == 1
+    lines = verified.stdout.splitlines()
+    assert f"an invalid one on {values[0]} (not valid JSON" in lines[0]
+    assert lines[-1].endswith(": 1 model with different manifests on members")
+
+
 def test_write_tries_every_member_then_raises():
     store, members = memory_placed()
     members[0].down = True

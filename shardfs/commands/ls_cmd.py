@@ -6,6 +6,7 @@ from shardfs.commands import add_store_options, store_config
 from shardfs.config import format_count, format_size
 from shardfs.errors import ManifestInvalid, ObjectInvalid, ObjectNotFound, StoreError
 from shardfs.manifest import parse_manifest
+from shardfs.mount.listing import valid_member_copy
 from shardfs.stores import PlacedStore, list_models, open_store
 from shardfs.stores.base import manifest_object_key
 from shardfs.stores.placed import describe_member_failures
@@ -34,7 +35,10 @@ def run(args) -> int:
     status = 0
     for name in names:
         try:
-            manifest = parse_manifest(name, store.get(manifest_object_key(name)))
+            data = store.get(manifest_object_key(name))
+            if isinstance(store, PlacedStore):
+                data = valid_member_copy(store, name, data)
+            manifest = parse_manifest(name, data)
         except ObjectNotFound:
             continue
         except (ManifestInvalid, ObjectInvalid) as exc:

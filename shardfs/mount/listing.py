@@ -69,7 +69,7 @@ def _get_manifest(store: Store, name: str) -> bytes:
             time.sleep(MANIFEST_RETRY_DELAY_S * 2 ** (attempt - 1))
             continue
         if isinstance(store, PlacedStore):
-            return _valid_member_copy(store, name, data)
+            return valid_member_copy(store, name, data)
         return data
     raise AssertionError("unreachable")
 
@@ -77,7 +77,7 @@ def _get_manifest(store: Store, name: str) -> bytes:
 _REPORTED_INVALID_COPIES: set[tuple[str, bytes]] = set()
 
 
-def _valid_member_copy(store: PlacedStore, name: str, data: bytes) -> bytes:
+def valid_member_copy(store: PlacedStore, name: str, data: bytes) -> bytes:
     """Return *data*, the manifest of *name* that the placed *store* served,
     or if it is invalid, a valid copy from another member.
 

@@ -206,20 +206,16 @@ def _load_member_manifests(store: PlacedStore, name: str, report: VerifyReport) 
     every version are checked.
     """
     holders: dict[bytes | None, list[str]] = {}
+    invalid: list[str] = []
     for member in store.members:
         try:
             data = member.store.get(manifest_object_key(name))
         except ObjectNotFound:
             data = None
         except ObjectInvalid as exc:
-            report.problems.append(
-                Problem(name, "manifest", f"manifest on {member.name} is invalid: {exc.reason}")
-            )
+            invalid.append(f"an invalid one on {member.name} ({exc.reason})")
             continue
         holders.setdefault(data, []).append(member.name)
-    if set(holders) <= {None}:
-        report.problems.append(Problem(name, "manifest", "model not found"))
-        return []
 
     manifests = []
     versions = []
@@ -231,15 +227,19 @@ def _load_member_manifests(store: PlacedStore, name: str, report: VerifyReport) 
         try:
             manifest = parse_manifest(name, data)
         except ManifestInvalid as exc:
-            report.problems.append(
-                Problem(name, "manifest", f"manifest on {where} is invalid: {exc.reason}")
-            )
-            versions.append(f"an invalid one on {where}")
+            invalid.append(f"an invalid one on {where} ({exc.reason})")
             continue
         manifests.append(manifest)
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(manifest.created_ns / 1e9))
         versions.append(f"one created {created} UTC on {where}")
-    if len(holders) > 1:
+    versions.extend(invalid)
+    # Without a valid copy the model itself is reported; otherwise the
+    # invalid copies are among the members that differ.
+    if not manifests:
+        detail = "model not found" if not invalid else f"manifest is invalid: {'; '.join(invalid)}"
+        report.problems.append(Problem(name, "manifest", detail))
+        return []
+    if len(versions) > 1:
         report.problems.append(
             Problem(
                 name,
