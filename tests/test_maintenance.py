@@ -117,6 +117,22 @@ def test_verify_finds_missing_and_corrupt(two_models):
     assert "verified 1 model," in only_b.stdout
 
 
+@pytest.mark.parametrize("codec_name", ["raw", "split"])
+def test_verify_names_truncated_size(tmp_path, local_store, codec_name):
+    source = tmp_path / "data.bin"
+    source.write_bytes(_source_for_codec(codec_name))
+    push(local_store, source, "org/data")
+    store = LocalStore(local_store)
+    key = _chunk_with_codec(store, "org/data", codec_name)
+    path = os.path.join(local_store, chunk_object_key(key))
+    size = os.path.getsize(path)
+    os.truncate(path, size // 2)
+
+    result = run_shardfs("verify", local_store)
+    assert result.returncode == 1
+    assert f"object is {size // 2} bytes, its header gives {size}" in result.stdout
+
+
 def test_verify_counts_shared_chunk_once(tmp_path, local_store):
     directory = tmp_path / "twins"
     directory.mkdir()

@@ -267,8 +267,20 @@ def _check_chunk(store: Store, key: str, length: int) -> tuple[str, str] | None:
     except ChunkLengthWrong as exc:
         return "mislabeled", exc.reason
     except ChunkCorrupt as exc:
-        return "corrupt", exc.reason
+        return "corrupt", _size_reason(key, data) or exc.reason
     return None
+
+
+def _size_reason(key: str, data: bytes) -> str | None:
+    """Return why the object *data* has the wrong size, when its header gives
+    the size, as it does for a truncated raw or byte-grouped chunk."""
+    try:
+        expected = codec.stored_size(key, data)
+    except ChunkCorrupt:
+        return None
+    if expected is None or expected == len(data):
+        return None
+    return f"object is {len(data)} bytes, its header gives {expected}"
 
 
 def _check_copies(store: PlacedStore, key: str, length: int) -> list[tuple[str, str, str]]:
