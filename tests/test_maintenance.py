@@ -119,14 +119,7 @@ def test_verify_finds_missing_and_corrupt(two_models):
 
 @pytest.mark.parametrize("codec_name", ["raw", "split"])
 def test_verify_names_truncated_size(tmp_path, local_store, codec_name):
-    source = tmp_path / "data.bin"
-    source.write_bytes(_source_for_codec(codec_name))
-    push(local_store, source, "org/data")
-    store = LocalStore(local_store)
-    key = _chunk_with_codec(store, "org/data", codec_name)
-    path = os.path.join(local_store, chunk_object_key(key))
-    size = os.path.getsize(path)
-    os.truncate(path, size // 2)
+    _, _, _, size = _push_and_truncate_chunk(tmp_path, local_store, codec_name)
 
     result = run_shardfs("verify", local_store)
     assert result.returncode == 1
@@ -201,16 +194,23 @@ def _chunk_with_codec(store: LocalStore, name: str, codec_name: str) -> str:
     raise AssertionError(f"no {codec_name} chunk in {name}")
 
 
-@pytest.mark.parametrize("codec_name", ["raw", "zstd", "split"])
-def test_push_replaces_truncated_chunk(tmp_path, local_store, codec_name):
+def _push_and_truncate_chunk(tmp_path, local_store: str, codec_name: str):
+    """Push org/data, cut one of its *codec_name* chunk objects to half its
+    size, and return the source, the chunk key, the object's path and size."""
     source = tmp_path / "data.bin"
     source.write_bytes(_source_for_codec(codec_name))
     push(local_store, source, "org/data")
-    store = LocalStore(local_store)
-    key = _chunk_with_codec(store, "org/data", codec_name)
+    key = _chunk_with_codec(LocalStore(local_store), "org/data", codec_name)
     path = os.path.join(local_store, chunk_object_key(key))
     size = os.path.getsize(path)
     os.truncate(path, size // 2)
+    return source, key, path, size
+
+
+@pytest.mark.parametrize("codec_name", ["raw", "zstd", "split"])
+def test_push_replaces_truncated_chunk(tmp_path, local_store, codec_name):
+    source, key, path, size = _push_and_truncate_chunk(tmp_path, local_store, codec_name)
+    store = LocalStore(local_store)
 
     # A plain push finds the damage from the object's size.
     push(local_store, source, "org/data")
