@@ -280,23 +280,9 @@ def stored_size(key: str, head: bytes) -> int | None:
         return HEADER_SIZE + header.length
     if header.codec == "zstd":
         return None
-    size = TRANSFORMS[header.transform].element_size
-    table_size = _SPLIT_PREFIX.size + size * _STREAM_ENTRY.size
-    if len(head) < HEADER_SIZE + table_size:
-        raise ChunkCorrupt(key, "object is shorter than its stream table")
-    (prefix,) = _SPLIT_PREFIX.unpack_from(head, HEADER_SIZE)
-    if prefix > header.length:
-        raise ChunkCorrupt(key, f"prefix of {prefix} bytes is longer than the chunk")
-    count = (header.length - prefix) // size
-    total = HEADER_SIZE + table_size + prefix + (header.length - prefix - count * size)
-    for index in range(size):
-        stream_codec, _, stored = _STREAM_ENTRY.unpack_from(
-            head, HEADER_SIZE + _SPLIT_PREFIX.size + index * _STREAM_ENTRY.size
-        )
-        if stream_codec == CODEC_IDS["raw"] and stored != count:
-            raise ChunkCorrupt(key, f"raw stream {index} has {stored} bytes, expected {count}")
-        total += stored
-    return total
+    element_size = TRANSFORMS[header.transform].element_size
+    table = _read_stream_table(key, memoryview(head)[HEADER_SIZE:], element_size, header.length)
+    return HEADER_SIZE + table.payload_length
 
 
 def decode(key: str, expected_length: int, data: bytes) -> bytes:
@@ -380,43 +366,76 @@ def read_exactly(source, length: int) -> bytes:
     return _grouping.assemble(length, b"", [source], b"", False)
 
 
-def _decode_split(key: str, payload: memoryview, transform: Transform, length: int) -> bytes:
-    size = transform.element_size
-    table_size = _SPLIT_PREFIX.size + size * _STREAM_ENTRY.size
-    if len(payload) < table_size:
+@dataclasses.dataclass(frozen=True)
+class _StreamTable:
+    """The start of a ``split`` payload: its stream table, read and checked."""
+
+    table_length: int
+    prefix: int
+    count: int  # elements, so bytes in each decoded stream
+    tail: int
+    streams: tuple[tuple[int, int], ...]  # (codec id, stored length) of each stream
+
+    @property
+    def payload_length(self) -> int:
+        stored = sum(length for _, length in self.streams)
+        return self.table_length + self.prefix + stored + self.tail
+
+
+def _read_stream_table(
+    key: str, payload: memoryview, element_size: int, length: int
+) -> _StreamTable:
+    """Read the stream table at the start of *payload*, a chunk of *length* bytes.
+
+    Raises `ChunkCorrupt` unless each stream is zstd or raw, and a raw one
+    holds exactly one byte per element.
+    """
+    table_length = _SPLIT_PREFIX.size + element_size * _STREAM_ENTRY.size
+    if len(payload) < table_length:
         raise ChunkCorrupt(key, "payload is shorter than its stream table")
     (prefix,) = _SPLIT_PREFIX.unpack_from(payload)
     if prefix > length:
         raise ChunkCorrupt(key, f"prefix of {prefix} bytes is longer than the chunk")
-    count = (length - prefix) // size
-    tail = length - prefix - count * size
-
-    position = table_size + prefix
+    count = (length - prefix) // element_size
     streams = []
-    readers = []
-    for index in range(size):
+    for index in range(element_size):
         stream_codec, padding, stored = _STREAM_ENTRY.unpack_from(
             payload, _SPLIT_PREFIX.size + index * _STREAM_ENTRY.size
         )
         if padding != _STREAM_PADDING:
             raise ChunkCorrupt(key, f"stream {index} entry has nonzero padding")
+        if stream_codec == CODEC_IDS["raw"] and stored != count:
+            raise ChunkCorrupt(key, f"raw stream {index} has {stored} bytes, expected {count}")
+        if stream_codec not in (CODEC_IDS["raw"], CODEC_IDS["zstd"]):
+            raise ChunkCorrupt(key, f"stream {index} has codec {stream_codec}")
+        streams.append((stream_codec, stored))
+    tail = length - prefix - count * element_size
+    return _StreamTable(table_length, prefix, count, tail, tuple(streams))
+
+
+def _decode_split(key: str, payload: memoryview, transform: Transform, length: int) -> bytes:
+    table = _read_stream_table(key, payload, transform.element_size, length)
+    if table.payload_length != len(payload):
+        raise ChunkCorrupt(key, "stream lengths do not add up to the payload length")
+
+    position = table.table_length + table.prefix
+    prefix = payload[table.table_length : position]
+    streams = []
+    readers = []
+    for index, (stream_codec, stored) in enumerate(table.streams):
         stream = payload[position : position + stored]
         position += stored
         if stream_codec == CODEC_IDS["zstd"]:
             reader = zstandard.ZstdDecompressor().stream_reader(stream)
             streams.append(reader)
             readers.append((index, reader))
-        elif stream_codec == CODEC_IDS["raw"] and stored == count:
-            streams.append(stream)
         else:
-            raise ChunkCorrupt(key, f"stream {index} has codec {stream_codec}, {stored} bytes")
-    if position + tail != len(payload):
-        raise ChunkCorrupt(key, "stream lengths do not add up to the payload length")
+            streams.append(stream)
 
     try:
         decoded = _grouping.assemble(
             length,
-            payload[table_size : table_size + prefix],
+            prefix,
             streams,
             payload[position:],
             transform.rotate,
