@@ -7,6 +7,7 @@ are missing. A failed push leaves the store's existing models untouched.
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -281,9 +282,13 @@ class _ChunkUploader:
         bad copy is deleted first, because members upload only a chunk they
         lack.
         """
+        # The zstd size a copy is compared with is computed once, for all copies.
+        zstd_length = functools.cache(
+            lambda: len(codec.encode_as(data, "zstd", "none", self._config.zstd_level).data)
+        )
         if not isinstance(self._store, PlacedStore):
             try:
-                return self._check_copy(self._store, key, object_key, data)
+                return self._check_copy(self._store, key, object_key, data, zstd_length)
             except ChunkEncodingUnknown as exc:
                 log.info("rewriting chunk in an encoding this version knows: %s", exc)
             except (ChunkCorrupt, ObjectInvalid) as exc:
@@ -293,7 +298,7 @@ class _ChunkUploader:
         found = []
         for member in self._store.placement(key):
             try:
-                found.append(self._check_copy(member.store, key, object_key, data))
+                found.append(self._check_copy(member.store, key, object_key, data, zstd_length))
                 continue
             except ChunkEncodingUnknown as exc:
                 log.info("rewriting the copy of chunk %s on %s: %s", key, member.name, exc)
@@ -306,11 +311,11 @@ class _ChunkUploader:
         return found[0]
 
     def _check_copy(
-        self, store: Store, key: str, object_key: str, data: bytes
+        self, store: Store, key: str, object_key: str, data: bytes, zstd_length
     ) -> tuple[str, str, int] | None:
         """Check the copy of a chunk on *store*: its header, and its size where
-        the header gives it. With ``check_existing`` the whole object is
-        fetched and decoded too.
+        the header gives it or, for zstd, against `zstd_length()`. With
+        ``check_existing`` the whole object is fetched and decoded instead.
 
         Returns (codec, transform, stored length), or None if *store* lacks
         the chunk. Raises `ChunkCorrupt`, `ChunkEncodingUnknown` or
@@ -334,11 +339,18 @@ class _ChunkUploader:
         if self._config.check_existing:
             codec.decode(key, length, head)
         else:
-            self._check_size(store, key, object_key, data, head, size)
+            self._check_size(store, key, object_key, data, head, size, zstd_length)
         return header.codec, header.transform, size
 
     def _check_size(
-        self, store: Store, key: str, object_key: str, data: bytes, head: bytes, size: int
+        self,
+        store: Store,
+        key: str,
+        object_key: str,
+        data: bytes,
+        head: bytes,
+        size: int,
+        zstd_length,
     ) -> None:
         """Raise `ChunkCorrupt` unless the object's *size* fits its encoding.
 
@@ -353,8 +365,7 @@ class _ChunkUploader:
             if size != expected:
                 raise ChunkCorrupt(key, f"object is {size} bytes, its header gives {expected}")
             return
-        encoded = codec.encode_as(data, "zstd", "none", self._config.zstd_level)
-        if size != len(encoded.data):
+        if size != zstd_length():
             codec.decode(key, len(data), store.get(object_key))
 
 
