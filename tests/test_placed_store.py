@@ -508,17 +508,26 @@ def test_bad_copy_report_skips_member():
     assert members[first.index].calls["get"] == 1
 
 
-def test_fifo_copy_read_from_other_member(tmp_path):
+def _chunk_with_fifo_first_copy(tmp_path, seed: int):
+    """Put a chunk on two local members and replace its first copy with a FIFO.
+
+    Returns the store, the chunk, its object key and its placement.
+    """
     stores = [LocalStore(str(tmp_path / name)) for name in ("a", "b")]
     members = tuple(MemberConfig(StoreConfig(url=store.url)) for store in stores)
     store = PlacedStore(PlacedStoreConfig(members, 2, failure_threshold=1), stores)
-    chunk = encoded_chunk(21)
+    chunk = encoded_chunk(seed)
     key = chunk_object_key(chunk.key)
     store.put(key, chunk.data)
-    first = store.placement(chunk.key)[0]
-    path = os.path.join(first.store.root, key)
+    placement = store.placement(chunk.key)
+    path = os.path.join(placement[0].store.root, key)
     os.unlink(path)
     os.mkfifo(path)
+    return store, chunk, key, placement
+
+
+def test_fifo_copy_read_from_other_member(tmp_path):
+    store, chunk, key, (first, _) = _chunk_with_fifo_first_copy(tmp_path, 21)
 
     assert store.get(key) == chunk.data
     # A damaged object is no outage of its member.
@@ -526,16 +535,7 @@ def test_fifo_copy_read_from_other_member(tmp_path):
 
 
 def test_fifo_copy_and_missing_copy_fail_at_once(tmp_path):
-    stores = [LocalStore(str(tmp_path / name)) for name in ("a", "b")]
-    members = tuple(MemberConfig(StoreConfig(url=store.url)) for store in stores)
-    store = PlacedStore(PlacedStoreConfig(members, 2, failure_threshold=1), stores)
-    chunk = encoded_chunk(22)
-    key = chunk_object_key(chunk.key)
-    store.put(key, chunk.data)
-    first, second = store.placement(chunk.key)
-    path = os.path.join(first.store.root, key)
-    os.unlink(path)
-    os.mkfifo(path)
+    store, _, key, (_, second) = _chunk_with_fifo_first_copy(tmp_path, 22)
     os.unlink(os.path.join(second.store.root, key))
 
     # Both members responded, so this is damage to report, not an outage
