@@ -302,7 +302,9 @@ def decode(key: str, expected_length: int, data: bytes) -> bytes:
                 pass
             else:
                 raise ChunkLengthWrong(key, header.length, expected_length)
-        raise ChunkCorrupt(key, f"header says {header.length} bytes, expected {expected_length}")
+        raise ChunkCorrupt(
+            key, f"header gives {header.length} bytes, expected {expected_length}"
+        )
     return _decode_payload(key, header, data)
 
 
@@ -388,7 +390,7 @@ def _read_stream_table(
     """Read the stream table at the start of *payload*, a chunk of *length* bytes.
 
     Raises `ChunkCorrupt` unless each stream is zstd or raw, and a raw one
-    holds exactly one byte per element.
+    contains exactly one byte per element.
     """
     table_length = _SPLIT_PREFIX.size + element_size * _STREAM_ENTRY.size
     if len(payload) < table_length:
