@@ -32,7 +32,6 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 KiB = 1024
 CHUNK_SIZE = 64 * KiB
-NOBODY = 65534
 
 
 # Checks shared by every case
@@ -153,20 +152,15 @@ def local_seeded_store(seeded_stores):
 
 @pytest.fixture
 def nobody_store(workdir):
-    """A local store containing org/seed that the unprivileged user can write.
+    """A local store containing org/seed that `run_unprivileged` can write.
 
-    That user must pass the store's own checks, so that the source is what
-    stops the push.
+    The store's owner runs that command, so it passes the store's own
+    checks and the source is what stops the push.
     """
     source = write_model_source(os.path.join(workdir, "seed"))
     url = os.path.join(workdir, "store")
     result = run_shardfs("push", "--store", url, source, "org/seed")
     assert result.returncode == 0, result.stderr
-    if os.geteuid() == 0:
-        for directory, subdirs, files in os.walk(url):
-            os.chown(directory, NOBODY, NOBODY)
-            for name in subdirs + files:
-                os.chown(os.path.join(directory, name), NOBODY, NOBODY)
     return SeededStore(url, [], lambda: snapshot_directory(url))
 
 
@@ -252,14 +246,16 @@ def test_failed_push_creates_no_store(workdir):
 
 
 def run_unprivileged(workdir: str, *args: str) -> subprocess.CompletedProcess:
-    """Run shardfs as an unprivileged user, so that file modes apply to it.
+    """Run shardfs so that file modes apply to it.
 
-    As root, ``setpriv`` drops to the uid and gid 65534 (nobody). As any
-    other user, the command runs as that user.
+    As root, ``setpriv`` drops the capabilities that bypass file modes
+    (CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH) and keeps the uid, so the
+    checkout and its virtual environment stay readable wherever they are.
+    As any other user, the command runs as that user.
     """
     prefix = []
     if os.geteuid() == 0:
-        prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
     return subprocess.run(
         prefix + shardfs_command(*args), cwd=workdir, capture_output=True, text=True, timeout=120
     )
@@ -269,7 +265,7 @@ def make_unreadable_file(workdir: str) -> tuple[str, str]:
     path = os.path.join(workdir, "secret.bin")
     with open(path, "wb") as file:
         file.write(b"weights")
-    os.chmod(path, 0o600 if os.geteuid() == 0 else 0o000)
+    os.chmod(path, 0o000)
     return path, path
 
 
@@ -281,7 +277,7 @@ def make_unreadable_subdirectory(workdir: str) -> tuple[str, str]:
         file.write("{}\n")
     with open(os.path.join(locked, "weights.bin"), "wb") as file:
         file.write(b"weights")
-    os.chmod(locked, 0o700 if os.geteuid() == 0 else 0o000)
+    os.chmod(locked, 0o000)
     return source, locked
 
 
